@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+import torch
+
+import tierstore as ts
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def full_table(store, name):
+    """Every row of a dense table, read through the store (weights only)."""
+    spec = store.open_table(name).spec
+    return store.lookup(name, torch.arange(spec.num_rows)).clone()
+
+
+def dump(store, name):
+    """(weights, state) of every row as numpy, read straight from the tiers (DRAM wins)."""
+    e = store._entry(name)
+    rows = np.arange(e.spec.num_rows)
+    w, s = e.backing.read(rows)
+    pos = e.cache.positions(rows)
+    res = pos > 0
+    w[res] = e.cache.weights[pos[res]]
+    s[res] = e.cache.state[pos[res]]
+    return w, s

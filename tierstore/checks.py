@@ -1,0 +1,107 @@
+"""Validation of user inputs to store operations. Each check raises InvalidInput naming the
+argument and the table, before anything is changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tierstore.config import TableSpec
+from tierstore.errors import InvalidInput
+
+
+def _as_tensor(x: Any, what: str, table: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(x)
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidInput(f"table {table!r}: {what} must be a tensor or array ({e})") from None
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t
+
+
+def ids(x: Any, spec: TableSpec, what: str = "ids") -> np.ndarray:
+    """1-D integer ids -> int64 numpy array, checked against the table's id space."""
+    t = _as_tensor(x, what, spec.name)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise InvalidInput(f"table {spec.name!r}: {what} must be integers, got {t.dtype}")
+    if t.dim() != 1:
+        raise InvalidInput(f"table {spec.name!r}: {what} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        lo, hi = int(lo), int(hi)
+        if lo < 0:
+            raise InvalidInput(f"table {spec.name!r}: {what} must be >= 0, got {lo}")
+        if spec.id_space == "dense" and hi >= spec.num_rows:
+            raise InvalidInput(f"table {spec.name!r}: {what} must be < num_rows={spec.num_rows}, "
+                               f"got {hi}")
+    return t.contiguous().numpy()
+
+
+def offsets(x: Any, n_indices: int, include_last_offset: bool, spec: TableSpec) -> np.ndarray:
+    """Bag offsets -> int64 [B + 1] with offsets[-1] == n_indices.
+
+    include_last_offset=False: torch's convention, B starts (the last bag ends at n_indices).
+    include_last_offset=True: FBGEMM's convention, B + 1 boundaries ending at n_indices.
+    """
+    t = _as_tensor(x, "offsets", spec.name)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
+        raise InvalidInput(f"table {spec.name!r}: offsets must be a 1-D integer tensor, "
+                           f"got {t.dtype} of shape {tuple(t.shape)}")
+    o = t.to(torch.int64).contiguous().numpy()
+    if len(o) == 0 or (include_last_offset and len(o) < 1):
+        raise InvalidInput(f"table {spec.name!r}: offsets must not be empty")
+    if o[0] != 0:
+        raise InvalidInput(f"table {spec.name!r}: offsets must start at 0, got {int(o[0])}")
+    if len(o) > 1 and (np.diff(o) < 0).any():
+        raise InvalidInput(f"table {spec.name!r}: offsets must be non-decreasing")
+    if include_last_offset:
+        if o[-1] != n_indices:
+            raise InvalidInput(f"table {spec.name!r}: last offset {int(o[-1])} must equal the "
+                               f"number of indices {n_indices} (include_last_offset=True)")
+        return o
+    if o[-1] > n_indices:
+        raise InvalidInput(f"table {spec.name!r}: offset {int(o[-1])} is past the end of "
+                           f"indices ({n_indices})")
+    return np.append(o, n_indices)
+
+
+def per_sample_weights(x: Any, n_indices: int, mode: str, spec: TableSpec) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if mode != "sum":
+        raise InvalidInput(f"table {spec.name!r}: per_sample_weights need mode='sum', got {mode!r}")
+    t = _as_tensor(x, "per_sample_weights", spec.name)
+    if not t.dtype.is_floating_point or t.shape != (n_indices,):
+        raise InvalidInput(f"table {spec.name!r}: per_sample_weights must be floating point of "
+                           f"shape ({n_indices},), got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.float32)
+
+
+def mode(m: str, spec: TableSpec) -> str:
+    if m not in ("sum", "mean"):
+        raise InvalidInput(f"table {spec.name!r}: mode must be 'sum' or 'mean', got {m!r}")
+    return m
+
+
+def grads(x: Any, n: int, spec: TableSpec, what: str = "grads") -> torch.Tensor:
+    """Gradients [n, dim], floating point, finite -> float32 tensor."""
+    t = _as_tensor(x, what, spec.name)
+    if not t.dtype.is_floating_point:
+        raise InvalidInput(f"table {spec.name!r}: {what} must be floating point, got {t.dtype}")
+    if tuple(t.shape) != (n, spec.dim):
+        raise InvalidInput(f"table {spec.name!r}: {what} must have shape ({n}, {spec.dim}), "
+                           f"got {tuple(t.shape)}")
+    t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise InvalidInput(f"table {spec.name!r}: {what} contain NaN or infinity")
+    return t

@@ -1,0 +1,363 @@
+"""``tierstore.Store``: the embedded storage engine (tables across DRAM and SCM).
+
+A store is a directory::
+
+    <path>/LOCK             flock'ed by the one process that has the store open
+    <path>/catalog.lmdb/    LMDB: table specs, store metadata, rows of sparse tables
+    <path>/tables/<name>.rows (+ .journal)   row file of each dense table (the SCM tier)
+
+DRAM holds a cache per open table (:class:`tierstore.tiers.ddr.DDRCache`); the store's
+``ddr_bytes`` budget is split among open tables in proportion to their full size. A table whose
+whole size fits its share is held completely, with no eviction bookkeeping.
+
+Operations take the table by name or by the :class:`Table` handle that create/open return.
+Inputs follow FBGEMM/``nn.EmbeddingBag`` conventions (flat indices + offsets).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tierstore import checks
+from tierstore.cache.admit_all import AdmitAll
+from tierstore.catalog import Catalog, LmdbRows
+from tierstore.config import TableSpec
+from tierstore.errors import InvalidInput, InvalidSpec, StoreLocked, TierstoreError, UnknownTable
+from tierstore.tiers.ddr import DDRCache
+from tierstore.tiers.rowfile import RowFile
+
+SLOT_METADATA_BYTES = 9  # row id (8) + dirty flag (1) per cached row, see tiers/ddr.py
+POLICY_BYTES_ESTIMATE = 7  # per cached row; the policies stay within this (see cache/)
+
+
+class Table:
+    """Handle of an open table; operations delegate to the store."""
+
+    def __init__(self, store: "Store", spec: TableSpec) -> None:
+        self.store = store
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def lookup(self, ids: Any) -> torch.Tensor:
+        return self.store.lookup(self, ids)
+
+    def pooled(self, indices: Any, offsets: Any, **kw: Any) -> torch.Tensor:
+        return self.store.pooled(self, indices, offsets, **kw)
+
+    def apply_gradients(self, ids: Any, grads: Any) -> None:
+        self.store.apply_gradients(self, ids, grads)
+
+    def __repr__(self) -> str:
+        return f"Table({self.spec!r})"
+
+
+@dataclass
+class _Open:
+    spec: TableSpec
+    backing: Any  # RowFile | LmdbRows
+    cache: DDRCache | None = None
+
+
+class Store:
+    """An embedded tierstore. One process (and one Store object) may have a path open at a time.
+
+    path: the store directory (created if missing).
+    ddr_bytes: DRAM budget for all open tables' caches (rows, optimizer state, slot metadata
+        and policy metadata; the 4-byte-per-row index of dense tables comes on top).
+    policy: "adaptive" (default), "lru", "lfu"; applied to tables that do not fit in DRAM.
+    shm_unlink: remove shared-memory names right after mapping (embedded use; nothing can leak).
+        The daemon keeps them so clients can attach.
+    Raises StoreLocked if the path is open elsewhere.
+    """
+
+    def __init__(self, path: str | os.PathLike, ddr_bytes: int = 1 << 30,
+                 policy: str = "adaptive", *, shm_unlink: bool = True,
+                 policy_options: dict[str, Any] | None = None) -> None:
+        if not isinstance(ddr_bytes, (int, np.integer)) or ddr_bytes <= 0:
+            raise ValueError(f"ddr_bytes must be a positive int, got {ddr_bytes!r}")
+        from tierstore.cache import make_policy  # the policy registry validates the name
+        make_policy(policy, 1)
+        self.path = os.fspath(path)
+        self.ddr_bytes = int(ddr_bytes)
+        self.policy = policy
+        self.policy_options = dict(policy_options or {})
+        self.shm_unlink = shm_unlink
+        os.makedirs(os.path.join(self.path, "tables"), mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreLocked(f"store {self.path!r} is open in another process or Store "
+                              f"object; close it first") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        self.catalog = Catalog(self.path)
+        self._open: dict[str, _Open] = {}
+        self._generation = 0
+        self._closed = False
+
+    # -- tables ----------------------------------------------------------------------------
+    def create_table(self, spec: TableSpec) -> Table:
+        """Add a table to the catalog and open it. Raises TableExists, InvalidSpec."""
+        self._check_open()
+        if not isinstance(spec, TableSpec):
+            raise InvalidSpec(f"create_table needs a TableSpec, got {type(spec).__name__}")
+        self._check_fits({**{n: o.spec for n, o in self._open.items()}, spec.name: spec})
+        self.catalog.add(spec)
+        try:
+            return self.open_table(spec.name)
+        except BaseException:
+            self.catalog.remove(spec.name)
+            raise
+
+    def open_table(self, name: str) -> Table:
+        """Open a table of the catalog (idempotent). Raises UnknownTable."""
+        self._check_open()
+        if name not in self._open:
+            spec = self.catalog.get(name)
+            self._check_fits({**{n: o.spec for n, o in self._open.items()}, name: spec})
+            backing = (RowFile(self._row_path(name), spec) if spec.id_space == "dense"
+                       else LmdbRows(self.catalog, spec))
+            self._open[name] = _Open(spec, backing)
+            self._plan_dram()
+        return Table(self, self._open[name].spec)
+
+    def drop_table(self, name: str) -> None:
+        """Delete a table and all its rows. Raises UnknownTable."""
+        self._check_open()
+        name = name.name if isinstance(name, Table) else name
+        self.catalog.get(name)
+        entry = self._open.pop(name, None)
+        if entry is not None:
+            if entry.cache is not None:
+                entry.cache.close()
+            entry.backing.close()
+        for suffix in ("", ".journal"):
+            try:
+                os.unlink(self._row_path(name) + suffix)
+            except FileNotFoundError:
+                pass
+        self.catalog.remove(name)
+        self._plan_dram()
+
+    def tables(self) -> list[str]:
+        """Names of all tables in the catalog (open or not)."""
+        self._check_open()
+        return sorted(self.catalog.tables())
+
+    def _row_path(self, name: str) -> str:
+        return os.path.join(self.path, "tables", f"{name}.rows")
+
+    # -- DRAM planning ---------------------------------------------------------------------
+    @staticmethod
+    def cached_row_bytes(spec: TableSpec) -> int:
+        """DRAM bytes one cached row of ``spec`` costs against ``ddr_bytes``."""
+        return spec.layout.payload_bytes + SLOT_METADATA_BYTES + POLICY_BYTES_ESTIMATE
+
+    def _shares(self, specs: dict[str, TableSpec]) -> dict[str, int]:
+        """Cache rows per table: ddr_bytes split by full table size, capped at num_rows."""
+        full = {n: s.num_rows * self.cached_row_bytes(s) for n, s in specs.items()}
+        total = sum(full.values())
+        return {n: min(s.num_rows, self.ddr_bytes * full[n] // total // self.cached_row_bytes(s))
+                for n, s in specs.items()}
+
+    def _check_fits(self, specs: dict[str, TableSpec]) -> None:
+        for name, rows in self._shares(specs).items():
+            if rows < 1:
+                raise InvalidSpec(f"table {name!r} does not fit: ddr_bytes={self.ddr_bytes} "
+                                  f"leaves less than one cached row "
+                                  f"({self.cached_row_bytes(specs[name])} bytes) for it")
+
+    def _plan_dram(self) -> None:
+        for name, rows in self._shares({n: o.spec for n, o in self._open.items()}).items():
+            entry = self._open[name]
+            if entry.cache is not None and entry.cache.capacity == rows:
+                continue
+            if entry.cache is not None:
+                entry.cache.flush_dirty()
+                entry.cache.close()
+            entry.cache = self._new_cache(entry, rows)
+
+    def _new_cache(self, entry: _Open, rows: int) -> DDRCache:
+        from tierstore.cache import make_policy
+        spec = entry.spec
+        if spec.id_space == "dense" and rows >= spec.num_rows:
+            policy = AdmitAll(rows)
+        else:
+            policy = make_policy(self.policy, rows, **self.policy_options)
+        self._generation += 1
+        prefix = f"tierstore.{self.catalog.store_id[:12]}.{os.getpid()}.{self._generation}"
+        return DDRCache(spec, rows, entry.backing, policy, prefix, unlink=self.shm_unlink)
+
+    def _entry(self, table: str | Table) -> _Open:
+        self._check_open()
+        name = table.name if isinstance(table, Table) else table
+        if not isinstance(name, str):
+            raise UnknownTable(f"table must be a name or Table, got {type(table).__name__}")
+        if name not in self._open:
+            self.open_table(name)
+        return self._open[name]
+
+    # -- reads -----------------------------------------------------------------------------
+    def lookup(self, table: str | Table, ids: Any) -> torch.Tensor:
+        """Rows of ``ids`` (1-D int, duplicates allowed): Tensor [n, dim] of the table dtype.
+
+        Missing rows are brought into DRAM as the policy admits them. Raises UnknownTable,
+        InvalidInput.
+        """
+        e = self._entry(table)
+        rows = checks.ids(ids, e.spec)
+        pos, bypass = e.cache.resolve(rows)
+        out = e.cache.weights_t.index_select(0, torch.from_numpy(pos))
+        if bypass is not None:
+            where, k = bypass.positions(rows, pos)
+            out[torch.from_numpy(where)] = torch.from_numpy(bypass.w[k])
+        return out
+
+    def pooled(self, table: str | Table, indices: Any, offsets: Any, mode: str = "sum",
+               per_sample_weights: Any = None, include_last_offset: bool = False) -> torch.Tensor:
+        """Pooled rows per bag, like ``nn.EmbeddingBag``: Tensor [B, dim] of the table dtype.
+
+        indices: 1-D int [N]; offsets: bag starts [B] (torch convention) or, with
+        include_last_offset=True, B + 1 boundaries ending at N (FBGEMM's convention).
+        mode: "sum" or "mean" (empty bags give zeros); per_sample_weights: float [N], sum only.
+        """
+        e = self._entry(table)
+        spec = e.spec
+        rows = checks.ids(indices, spec, "indices")
+        checks.mode(mode, spec)
+        off = checks.offsets(offsets, len(rows), include_last_offset, spec)
+        psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
+        pos, bypass = e.cache.resolve(rows)
+        off_t = torch.from_numpy(off)
+        if bypass is None:
+            return F.embedding_bag(torch.from_numpy(pos), e.cache.weights_t, off_t, mode=mode,
+                                   per_sample_weights=psw, include_last_offset=True)
+        out = F.embedding_bag(torch.from_numpy(pos), e.cache.weights_t, off_t, mode="sum",
+                              per_sample_weights=psw, include_last_offset=True)
+        where, k = bypass.positions(rows, pos)
+        bag = torch.from_numpy(np.searchsorted(off, where, side="right") - 1)
+        contrib = torch.from_numpy(bypass.w[k]).to(out.dtype)
+        if psw is not None:
+            contrib = contrib * psw[torch.from_numpy(where)].unsqueeze(1).to(out.dtype)
+        out.index_add_(0, bag, contrib)
+        if mode == "mean":
+            lengths = torch.from_numpy(np.diff(off)).clamp(min=1).unsqueeze(1)
+            out = out / lengths.to(out.dtype)
+        return out
+
+    # -- writes ----------------------------------------------------------------------------
+    def apply_gradients(self, table: str | Table, ids: Any, grads: Any) -> None:
+        """Apply the table's optimizer with per-id gradients [n, dim] (summed over duplicate
+        ids first). Rows become dirty in DRAM, or are updated on SCM if not resident."""
+        e = self._entry(table)
+        rows = checks.ids(ids, e.spec)
+        g = checks.grads(grads, len(rows), e.spec)
+        if len(rows):
+            e.cache.apply(rows, np.arange(len(rows), dtype=np.int64), None, g)
+
+    def apply_pooled_gradients(self, table: str | Table, indices: Any, offsets: Any,
+                               grad_output: Any, mode: str = "sum",
+                               per_sample_weights: Any = None,
+                               include_last_offset: bool = False) -> None:
+        """Backward of :meth:`pooled` fused with the optimizer: grad_output [B, dim] is the
+        gradient of the pooled output; no per-index gradient tensor is materialised."""
+        e = self._entry(table)
+        spec = e.spec
+        rows = checks.ids(indices, spec, "indices")
+        checks.mode(mode, spec)
+        off = checks.offsets(offsets, len(rows), include_last_offset, spec)
+        psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
+        g = checks.grads(grad_output, len(off) - 1, spec, "grad_output")
+        if not len(rows):
+            return
+        lengths = np.diff(off)
+        bag = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        scale = None
+        if psw is not None:
+            scale = psw.numpy()
+        elif mode == "mean":
+            scale = (1.0 / np.maximum(lengths, 1)).astype(np.float32)[bag]
+        e.cache.apply(rows, bag, scale, g)
+
+    # -- durability ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write back every dirty row and make the store durable (fsync). After flush(), a
+        process killed with SIGKILL reopens to exactly this state."""
+        self._check_open()
+        for e in self._open.values():
+            e.cache.flush_dirty()
+            e.backing.flush()
+        self.catalog.sync()
+
+    def close(self) -> None:
+        """Flush and release everything (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            for e in self._open.values():
+                e.cache.close()
+                e.backing.close()
+            self._open.clear()
+            self.catalog.close()
+            os.close(self._lock_fd)
+            self._closed = True
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierstoreError(f"store {self.path!r} is closed")
+
+    # -- stats -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per-table and store-wide figures (Redis INFO-like; all counts since open)."""
+        self._check_open()
+        tables = {name: self._table_stats(e) for name, e in self._open.items()}
+        return {
+            "path": self.path,
+            "policy": self.policy,
+            "ddr_bytes_budget": self.ddr_bytes,
+            "tables": tables,
+            "dram_bytes": sum(t["bytes"]["dram"] for t in tables.values()),
+            "scm_bytes": sum(t["bytes"]["scm"] for t in tables.values()) + self.catalog.disk_bytes(),
+        }
+
+    @staticmethod
+    def _table_stats(e: _Open) -> dict[str, Any]:
+        c = e.cache
+        dram = c.dram_bytes()
+        lookups = c.counters["lookups"]
+        return {
+            **c.counters,
+            "hit_rate": c.counters["hits"] / lookups if lookups else None,
+            "capacity_rows": c.capacity,
+            "rows_in_dram": c.resident,
+            "rows_on_scm": e.backing.rows_written(),
+            "dirty_rows": c.dirty_rows(),
+            "policy": c.policy.name,
+            "bytes": {"dram": sum(dram.values()), "scm": e.backing.disk_bytes(), "dram_detail": dram},
+            "overhead_bytes_per_cached_row": (dram["slot_metadata"] + dram["policy"]) / c.capacity,
+            "index_bytes_per_table_row": (dram["index"] / e.spec.num_rows
+                                          if e.spec.id_space == "dense" else None),
+        }
+
+
+__all__ = ["Store", "Table", "InvalidInput"]

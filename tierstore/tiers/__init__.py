@@ -1,0 +1,1 @@
+"""Storage tiers: DRAM (shared-memory slab + index) and SCM (row file, LMDB)."""

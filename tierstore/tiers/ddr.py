@@ -1,0 +1,253 @@
+"""DRAM tier of one table: a row slab plus optimizer state in shared memory, an index, per-slot
+metadata, and a cache policy that decides admissions and evictions once per batch.
+
+Slab layout (each a shared-memory segment, so the daemon can share them with clients):
+  weights: [capacity + 1, dim] of the table dtype. Row 0 is a permanent zero row; the row held
+           by slot k lives at weights[k + 1]. The index stores k + 1 (0 = not resident), so
+           ``weights[index[ids]]`` is a lookup with no translation step, and non-resident ids
+           read the zero row.
+  state:   [capacity + 1, state_dim] float32, same rows.
+  row_of_pos: int64 [capacity + 1] (-1 = free), dirty: uint8 [capacity + 1], indexed like the
+           slab (entry 0 unused).
+Inside this module a "position" is a slab row (slot + 1); the policy sees slots (position - 1).
+Per cached row the tier spends 9 bytes of metadata plus the policy's own (see dram_bytes()).
+
+Rows the policy declines to admit are served from SCM for this batch ("bypass"). Dirty rows are
+written back to SCM when evicted and on flush().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tierstore.cache.base import CachePolicy
+from tierstore.config import TableSpec
+from tierstore.optim import kernels
+from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
+from tierstore.tiers import shm
+from tierstore.tiers.index import DenseIndex, HashIndex
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def distinct_in_order(values: np.ndarray) -> np.ndarray:
+    """Distinct values in order of first occurrence."""
+    if len(values) <= 1:
+        return values
+    u, first = np.unique(values, return_index=True)
+    return u[np.argsort(first, kind="stable")]
+
+
+@dataclass
+class Bypass:
+    """Rows of a batch served from SCM without being cached (distinct, with their data)."""
+
+    rows: np.ndarray
+    w: np.ndarray
+    s: np.ndarray
+
+    def positions(self, ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the batch that read a bypass row, index of that row in self.rows)."""
+        where = np.flatnonzero(pos == 0)
+        order = np.argsort(self.rows)
+        k = order[np.searchsorted(self.rows, ids[where], sorter=order)]
+        return where, k
+
+
+class DDRCache:
+    """The DRAM tier of one table. One owner process mutates it; see module docstring."""
+
+    def __init__(self, spec: TableSpec, capacity: int, backing, policy: CachePolicy,
+                 shm_prefix: str, *, unlink: bool = True) -> None:
+        self.spec = spec
+        self.layout = spec.layout
+        self.capacity = int(capacity)
+        self.backing = backing
+        self.policy = policy
+        cap1 = self.capacity + 1
+        self._segments = [
+            shm.create(f"{shm_prefix}.w", (cap1, spec.dim), self.layout.np_dtype, unlink=unlink),
+            shm.create(f"{shm_prefix}.s", (cap1, self.layout.state_dim), np.float32, unlink=unlink),
+            shm.create(f"{shm_prefix}.meta", (cap1, 9), np.uint8, unlink=unlink),
+        ]
+        self.weights = self._segments[0].array
+        self.state = self._segments[1].array
+        meta = self._segments[2].array
+        self.row_of_pos = meta.reshape(-1)[: 8 * cap1].view(np.int64)
+        self.row_of_pos[:] = -1
+        self.dirty = meta.reshape(-1)[8 * cap1:]
+        self.weights_t = torch.from_numpy(self.weights)
+        if spec.id_space == "dense":
+            self.index: DenseIndex | HashIndex = DenseIndex(spec.num_rows, f"{shm_prefix}.idx",
+                                                            unlink=unlink)
+        else:
+            self.index = HashIndex(self.capacity)
+        self.resident = 0
+        self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
+        self._mark = np.full(cap1, -1, dtype=np.int64)
+        self._uslots = np.empty(0, dtype=np.int64)
+        self._acc = np.empty((0, spec.dim), dtype=np.float32)
+
+    # -- residency -------------------------------------------------------------------------
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Slab rows (slot + 1) of ``ids``; 0 where not resident. No side effects."""
+        return self.index.get(ids)
+
+    def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
+        """Make the rows of one batch resident as far as the policy admits them.
+
+        ids: int64 [n] (validated by the caller). Returns slab positions [n] (0 for rows served
+        from the returned Bypass) and the bypass rows, if any. Counts lookups/hits/misses with
+        first-occurrence semantics: a distinct missing row is one miss however often it appears.
+        """
+        pos = self.positions(ids)
+        miss = pos == 0
+        n = len(ids)
+        self.counters["lookups"] += n
+        if not miss.any():
+            self.counters["hits"] += n
+            if self.policy.tracks_hits:
+                self.policy.access(distinct_in_order(pos) - 1, _EMPTY)
+            return pos, None
+        miss_rows = distinct_in_order(ids[miss])
+        self.counters["misses"] += len(miss_rows)
+        self.counters["hits"] += n - len(miss_rows)
+        hit_slots = distinct_in_order(pos[~miss]) - 1 if self.policy.tracks_hits else _EMPTY
+        adm = self.policy.access(hit_slots, miss_rows)
+        self._admit(miss_rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
+        pos[miss] = self.positions(ids[miss])
+        rest = miss_rows[~adm.admit]
+        if len(rest) == 0:
+            return pos, None
+        self.counters["bypassed"] += len(rest)
+        w, s = self.backing.read(rest)
+        return pos, Bypass(rest, w, s)
+
+    def _admit(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        old = self.row_of_pos[pos]
+        occupied = old >= 0
+        if occupied.any():
+            self._evict(pos[occupied], old[occupied])
+        w, s = self.backing.read(rows)
+        self.weights[pos] = w
+        self.state[pos] = s
+        self.row_of_pos[pos] = rows
+        self.dirty[pos] = 0
+        self.index.put(rows, pos)
+        self.resident += len(rows) - int(occupied.sum())
+
+    def _evict(self, pos: np.ndarray, rows: np.ndarray) -> None:
+        dirty = self.dirty[pos] != 0
+        if dirty.any():
+            dp = pos[dirty]
+            self.backing.write(rows[dirty], self.weights[dp], self.state[dp])
+            self.counters["writebacks"] += len(dp)
+        self.index.remove(rows)
+        self.row_of_pos[pos] = -1
+        self.counters["evictions"] += len(rows)
+
+    def drop_all(self) -> None:
+        """Write back every dirty row and empty the cache (used before a resize)."""
+        self.flush_dirty()
+        occupied = np.flatnonzero(self.row_of_pos >= 0)
+        self.index.remove(self.row_of_pos[occupied])
+        self.row_of_pos[:] = -1
+        self.policy.reset()
+        self.resident = 0
+
+    # -- writes ----------------------------------------------------------------------------
+    def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
+              grad: torch.Tensor) -> None:
+        """Apply the table's optimizer: contribution i is ``scale[i] * grad[src[i]]`` to row
+        ``ids[i]``; contributions to one row are summed first. Resident rows are updated in the
+        slab (and marked dirty); other rows are read, updated and written on SCM."""
+        pos = self.positions(ids)
+        on_scm = pos == 0
+        g = grad.detach().to(torch.float32).contiguous().numpy()
+        if scale is None:
+            scale = np.empty(0, dtype=np.float32)
+        if on_scm.any():
+            self._apply_on_scm(ids[on_scm], src[on_scm],
+                               scale[on_scm] if len(scale) else scale, g)
+            keep = ~on_scm
+            pos, src = pos[keep], src[keep]
+            scale = scale[keep] if len(scale) else scale
+        if len(pos):
+            self._apply_resident(pos, src, scale, g)
+
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._uslots) < n:
+            size = max(n, 2 * len(self._uslots))
+            self._uslots = np.empty(size, dtype=np.int64)
+            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
+        return self._uslots, self._acc
+
+    def _apply_resident(self, pos, src, scale, g) -> None:
+        uslots, acc = self._buffers(len(pos))
+        u = kernels.accumulate(pos, src, scale, g, self._mark, uslots, acc)
+        up, ag = uslots[:u], acc[:u]
+        opt = self.spec.optimizer
+        if self.weights.dtype != np.float32:
+            self._update_torch(up, ag)
+        elif isinstance(opt, RowWiseAdagrad):
+            kernels.rowwise_adagrad_update(up, u, ag, self.weights, self.state, self.dirty,
+                                           opt.lr, opt.eps, opt.weight_decay)
+        elif isinstance(opt, Adagrad):
+            kernels.adagrad_update(up, u, ag, self.weights, self.state, self.dirty, opt.lr,
+                                   opt.eps)
+        elif isinstance(opt, SGD):
+            kernels.sgd_update(up, u, ag, self.weights, self.dirty, opt.lr)
+        else:  # any other SparseOptimizer: its reference torch update
+            self._update_torch(up, ag)
+
+    def _update_torch(self, pos: np.ndarray, g: np.ndarray) -> None:
+        w = torch.from_numpy(self.weights[pos].astype(np.float32))
+        s = torch.from_numpy(self.state[pos].copy())
+        self.spec.optimizer.update(w, s, torch.from_numpy(g))
+        self.weights[pos] = w.numpy().astype(self.weights.dtype)
+        self.state[pos] = s.numpy()
+        self.dirty[pos] = 1
+
+    def _apply_on_scm(self, ids, src, scale, g) -> None:
+        rows, inv = np.unique(ids, return_inverse=True)
+        contrib = g[src] * (scale[:, None] if len(scale) else 1.0)
+        summed = np.zeros((len(rows), g.shape[1]), dtype=np.float32)
+        np.add.at(summed, inv, contrib)
+        w, s = self.backing.read(rows)
+        wt = torch.from_numpy(w.astype(np.float32))
+        st = torch.from_numpy(s.copy())
+        self.spec.optimizer.update(wt, st, torch.from_numpy(summed))
+        self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
+
+    # -- durability ------------------------------------------------------------------------
+    def flush_dirty(self) -> int:
+        """Write every dirty resident row back to SCM; returns how many."""
+        pos = np.flatnonzero(self.dirty)
+        if len(pos):
+            self.backing.write(self.row_of_pos[pos], self.weights[pos], self.state[pos])
+            self.dirty[pos] = 0
+            self.counters["writebacks"] += len(pos)
+        return len(pos)
+
+    def dirty_rows(self) -> int:
+        return int(np.count_nonzero(self.dirty))
+
+    # -- accounting ------------------------------------------------------------------------
+    def dram_bytes(self) -> dict[str, int]:
+        return {
+            "slab": self.weights.nbytes + self.state.nbytes,
+            "slot_metadata": self.row_of_pos.nbytes + self.dirty.nbytes,
+            "policy": self.policy.metadata_bytes(),
+            "index": self.index.resident_bytes(),
+        }
+
+    def close(self) -> None:
+        self.weights_t = None
+        self.index.close()
+        for seg in self._segments:
+            seg.close()
