@@ -27,8 +27,8 @@ def _as_tensor(x: Any, what: str, table: str) -> torch.Tensor:
     return t
 
 
-def ids(x: Any, spec: TableSpec, what: str = "ids") -> np.ndarray:
-    """1-D integer ids -> int64 numpy array, checked against the table's id space."""
+def ids(x: Any, spec: TableSpec, what: str = "ids") -> torch.Tensor:
+    """1-D integer ids -> contiguous int64 CPU tensor, checked against the table's id space."""
     t = _as_tensor(x, what, spec.name)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise InvalidInput(f"table {spec.name!r}: {what} must be integers, got {t.dtype}")
@@ -44,11 +44,11 @@ def ids(x: Any, spec: TableSpec, what: str = "ids") -> np.ndarray:
         if spec.id_space == "dense" and hi >= spec.num_rows:
             raise InvalidInput(f"table {spec.name!r}: {what} must be < num_rows={spec.num_rows}, "
                                f"got {hi}")
-    return t.contiguous().numpy()
+    return t.contiguous()
 
 
-def offsets(x: Any, n_indices: int, include_last_offset: bool, spec: TableSpec) -> np.ndarray:
-    """Bag offsets -> int64 [B + 1] with offsets[-1] == n_indices.
+def offsets(x: Any, n_indices: int, include_last_offset: bool, spec: TableSpec) -> torch.Tensor:
+    """Bag offsets -> int64 tensor [B + 1] of bag boundaries ending at n_indices.
 
     include_last_offset=False: torch's convention, B starts (the last bag ends at n_indices).
     include_last_offset=True: FBGEMM's convention, B + 1 boundaries ending at n_indices.
@@ -58,21 +58,21 @@ def offsets(x: Any, n_indices: int, include_last_offset: bool, spec: TableSpec) 
         raise InvalidInput(f"table {spec.name!r}: offsets must be a 1-D integer tensor, "
                            f"got {t.dtype} of shape {tuple(t.shape)}")
     o = t.to(torch.int64).contiguous().numpy()
-    if len(o) == 0 or (include_last_offset and len(o) < 1):
+    if len(o) == 0:
         raise InvalidInput(f"table {spec.name!r}: offsets must not be empty")
+    if not include_last_offset:
+        if o[-1] > n_indices:
+            raise InvalidInput(f"table {spec.name!r}: offset {int(o[-1])} is past the end of "
+                               f"indices ({n_indices})")
+        o = np.append(o, n_indices)
     if o[0] != 0:
         raise InvalidInput(f"table {spec.name!r}: offsets must start at 0, got {int(o[0])}")
-    if len(o) > 1 and (np.diff(o) < 0).any():
+    if (o[1:] < o[:-1]).any():
         raise InvalidInput(f"table {spec.name!r}: offsets must be non-decreasing")
-    if include_last_offset:
-        if o[-1] != n_indices:
-            raise InvalidInput(f"table {spec.name!r}: last offset {int(o[-1])} must equal the "
-                               f"number of indices {n_indices} (include_last_offset=True)")
-        return o
-    if o[-1] > n_indices:
-        raise InvalidInput(f"table {spec.name!r}: offset {int(o[-1])} is past the end of "
-                           f"indices ({n_indices})")
-    return np.append(o, n_indices)
+    if o[-1] != n_indices:
+        raise InvalidInput(f"table {spec.name!r}: last offset {int(o[-1])} must equal the "
+                           f"number of indices {n_indices} (include_last_offset=True)")
+    return torch.from_numpy(o)
 
 
 def per_sample_weights(x: Any, n_indices: int, mode: str, spec: TableSpec) -> torch.Tensor | None:

@@ -218,10 +218,13 @@ class Store:
         """
         e = self._entry(table)
         rows = checks.ids(ids, e.spec)
-        pos, bypass = e.cache.resolve(rows)
-        out = e.cache.weights_t.index_select(0, torch.from_numpy(pos))
+        pos = e.cache.resident_positions(rows)
+        if pos is not None:
+            return e.cache.weights_t.index_select(0, pos)
+        pos_np, bypass = e.cache.resolve(rows.numpy())
+        out = e.cache.weights_t.index_select(0, torch.from_numpy(pos_np))
         if bypass is not None:
-            where, k = bypass.positions(rows, pos)
+            where, k = bypass.positions(rows.numpy(), pos_np)
             out[torch.from_numpy(where)] = torch.from_numpy(bypass.w[k])
         return out
 
@@ -239,21 +242,28 @@ class Store:
         checks.mode(mode, spec)
         off = checks.offsets(offsets, len(rows), include_last_offset, spec)
         psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
-        pos, bypass = e.cache.resolve(rows)
-        off_t = torch.from_numpy(off)
-        if bypass is None:
-            return F.embedding_bag(torch.from_numpy(pos), e.cache.weights_t, off_t, mode=mode,
+        weights = e.cache.weights_t
+        pos = e.cache.resident_positions(rows)
+        if pos is not None:  # every row in DRAM: one fused gather-and-pool
+            return F.embedding_bag(pos, weights, off, mode=mode,
                                    per_sample_weights=psw, include_last_offset=True)
-        out = F.embedding_bag(torch.from_numpy(pos), e.cache.weights_t, off_t, mode="sum",
-                              per_sample_weights=psw, include_last_offset=True)
-        where, k = bypass.positions(rows, pos)
-        bag = torch.from_numpy(np.searchsorted(off, where, side="right") - 1)
+        pos_np, bypass = e.cache.resolve(rows.numpy())
+        pos = torch.from_numpy(pos_np)
+        if bypass is None:
+            return F.embedding_bag(pos, weights, off, mode=mode, per_sample_weights=psw,
+                                   include_last_offset=True)
+        # Rows the policy did not admit read the zero row; add their values from SCM.
+        out = F.embedding_bag(pos, weights, off, mode="sum", per_sample_weights=psw,
+                              include_last_offset=True)
+        off_np = off.numpy()
+        where, k = bypass.positions(rows.numpy(), pos_np)
+        bag = torch.from_numpy(np.searchsorted(off_np, where, side="right") - 1)
         contrib = torch.from_numpy(bypass.w[k]).to(out.dtype)
         if psw is not None:
             contrib = contrib * psw[torch.from_numpy(where)].unsqueeze(1).to(out.dtype)
         out.index_add_(0, bag, contrib)
         if mode == "mean":
-            lengths = torch.from_numpy(np.diff(off)).clamp(min=1).unsqueeze(1)
+            lengths = torch.from_numpy(np.diff(off_np)).clamp(min=1).unsqueeze(1)
             out = out / lengths.to(out.dtype)
         return out
 
@@ -262,7 +272,7 @@ class Store:
         """Apply the table's optimizer with per-id gradients [n, dim] (summed over duplicate
         ids first). Rows become dirty in DRAM, or are updated on SCM if not resident."""
         e = self._entry(table)
-        rows = checks.ids(ids, e.spec)
+        rows = checks.ids(ids, e.spec).numpy()
         g = checks.grads(grads, len(rows), e.spec)
         if len(rows):
             e.cache.apply(rows, np.arange(len(rows), dtype=np.int64), None, g)
@@ -275,9 +285,9 @@ class Store:
         gradient of the pooled output; no per-index gradient tensor is materialised."""
         e = self._entry(table)
         spec = e.spec
-        rows = checks.ids(indices, spec, "indices")
+        rows = checks.ids(indices, spec, "indices").numpy()
         checks.mode(mode, spec)
-        off = checks.offsets(offsets, len(rows), include_last_offset, spec)
+        off = checks.offsets(offsets, len(rows), include_last_offset, spec).numpy()
         psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
         g = checks.grads(grad_output, len(off) - 1, spec, "grad_output")
         if not len(rows):

@@ -96,6 +96,22 @@ class DDRCache:
         """Slab rows (slot + 1) of ``ids``; 0 where not resident. No side effects."""
         return self.index.get(ids)
 
+    def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Fast path of :meth:`resolve` for a dense table: if every id is resident, count the
+        batch as hits and return its positions (int32 tensor); otherwise None (no side effects).
+        """
+        if not isinstance(self.index, DenseIndex):
+            return None
+        pos = self.index.tensor.index_select(0, ids)
+        if pos.numel() and not bool(pos.min() > 0):
+            return None
+        n = pos.numel()
+        self.counters["lookups"] += n
+        self.counters["hits"] += n
+        if self.policy.tracks_hits and n:
+            self.policy.access(distinct_in_order(pos.numpy().astype(np.int64)) - 1, _EMPTY)
+        return pos
+
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         """Make the rows of one batch resident as far as the policy admits them.
 

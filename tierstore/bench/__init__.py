@@ -1,0 +1,1 @@
+"""Benchmarks behind `tierstore bench ...`: each returns a JSON-able dict and prints a table."""

@@ -1,0 +1,188 @@
+"""`tierstore bench lookup` and `tierstore bench train`: tierstore against nn.EmbeddingBag and
+FBGEMM's CPU TBE on the same tables and ids, in one run.
+
+lookup: pooled forward, every row in DRAM.
+train:  pooled forward + backward + row-wise Adagrad (FBGEMM EXACT_ROWWISE_ADAGRAD; torch has
+        no row-wise Adagrad, so its baseline is nn.EmbeddingBag(sparse=True) + torch.optim.Adagrad),
+        with every row in DRAM, and tierstore again with DRAM holding ``--dram-fraction`` of each
+        table (rest on SCM, page cache warm).
+Times are medians per step (all tables of one batch), steps cycling over ``n_batches`` batches.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import tierstore as ts
+from tierstore.bench.common import fbgemm_available, median_seconds
+from tierstore.bench.workload import Batch, make_batches
+
+CONFIGS = [  # (tables, rows per table)
+    (26, 100_000),
+    (8, 1_000_000),
+]
+
+
+def _cycle(batches: list[Batch]) -> Callable[[], Batch]:
+    it = itertools.cycle(batches)
+    return lambda: next(it)
+
+
+def _tierstore(path: str, T: int, rows: int, dim: int, fraction: float, policy: str) -> ts.Store:
+    spec0 = ts.TableSpec("t0", rows, dim, optimizer=ts.RowWiseAdagrad(lr=0.01, eps=1e-8))
+    per_row = ts.Store.cached_row_bytes(spec0)
+    ddr = int(T * rows * per_row * fraction) + T * per_row
+    store = ts.Store(path, ddr_bytes=ddr, policy=policy)
+    for t in range(T):
+        store.create_table(ts.TableSpec(f"t{t}", rows, dim,
+                                        optimizer=ts.RowWiseAdagrad(lr=0.01, eps=1e-8)))
+    return store
+
+
+def _fbgemm(T: int, rows: int, dim: int, train: bool):
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (EmbeddingLocation,
+                                                                      PoolingMode)
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, OptimType, SplitTableBatchedEmbeddingBagsCodegen)
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * T,
+        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, eps=1e-8,
+        pooling_mode=PoolingMode.SUM)
+
+
+def _fbgemm_input(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.cat(b.indices)
+    n = [len(i) for i in b.indices]
+    parts, base = [], 0
+    for t, off in enumerate(b.offsets):
+        parts.append(off[:-1] + base if t < len(b.offsets) - 1 else off + base)
+        base += n[t]
+    return idx, torch.cat(parts)
+
+
+def bench_config(T: int, rows: int, dim: int, pooling: int, dist: str, batch_size: int,
+                 train: bool, dram_fraction: float, policy: str, n_batches: int,
+                 repeats: int) -> dict[str, Any]:
+    batches = make_batches(T, rows, batch_size, pooling, dist, n_batches, seed=dim + pooling)
+    grad = torch.randn(batch_size, dim)
+    res: dict[str, Any] = {"tables": T, "rows": rows, "dim": dim, "pooling": pooling,
+                           "dist": dist, "batch": batch_size}
+    with tempfile.TemporaryDirectory(prefix="tierstore-bench-") as d:
+        fractions = [1.0] + ([dram_fraction] if train and dram_fraction < 1.0 else [])
+        for frac in fractions:
+            store = _tierstore(f"{d}/s{frac}", T, rows, dim, frac, policy)
+            nxt = _cycle(batches)
+
+            def ts_step() -> None:
+                b = nxt()
+                for t in range(T):
+                    store.pooled(f"t{t}", b.indices[t], b.offsets[t], include_last_offset=True)
+                    if train:
+                        store.apply_pooled_gradients(f"t{t}", b.indices[t], b.offsets[t], grad,
+                                                     include_last_offset=True)
+            for _ in range(n_batches):  # warm: admit the rows, page cache, numba
+                ts_step()
+            key = "tierstore" if frac == 1.0 else f"tierstore_dram_{frac:g}"
+            res[key] = median_seconds(ts_step, repeats=repeats, warmup=0)
+            if frac < 1.0:
+                st = store.stats()["tables"]
+                res[key + "_hit_rate"] = (sum(s["hits"] for s in st.values())
+                                          / sum(s["lookups"] for s in st.values()))
+            store.close()
+            del store
+            gc.collect()
+    res.update(_torch_baseline(T, rows, dim, batches, grad, train, n_batches, repeats))
+    if fbgemm_available():
+        res.update(_fbgemm_baseline(T, rows, dim, batches, grad, train, repeats))
+    return res
+
+
+def _torch_baseline(T, rows, dim, batches, grad, train, n_batches, repeats) -> dict[str, float]:
+    bags = [torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=train) for _ in range(T)]
+    opt = torch.optim.Adagrad([b.weight for b in bags], lr=0.01, eps=1e-8) if train else None
+    nxt = _cycle(batches)
+
+    def step() -> None:
+        b = nxt()
+        if train:
+            opt.zero_grad()
+            outs = [bags[t](b.indices[t], b.torch_offsets[t]) for t in range(T)]
+            torch.autograd.backward(outs, [grad] * T)
+            opt.step()
+        else:
+            with torch.no_grad():
+                for t in range(T):
+                    bags[t](b.indices[t], b.torch_offsets[t])
+    out = {"torch_embeddingbag": median_seconds(step, repeats=repeats if not train else
+                                                max(3, repeats // 3), warmup=1)}
+    del bags, opt
+    gc.collect()
+    return out
+
+
+def _fbgemm_baseline(T, rows, dim, batches, grad, train, repeats) -> dict[str, float]:
+    tbe = _fbgemm(T, rows, dim, train)
+    inputs = [_fbgemm_input(b) for b in batches]
+    nxt = _cycle(inputs)
+    g = grad.repeat(1, T)
+
+    def step() -> None:
+        idx, off = nxt()
+        if train:
+            tbe(idx, off).backward(g)
+        else:
+            with torch.no_grad():
+                tbe(idx, off)
+    out = {"fbgemm_tbe": median_seconds(step, repeats=repeats, warmup=2)}
+    del tbe
+    gc.collect()
+    return out
+
+
+def run(train: bool, dims=(64, 128), poolings=(1, 20), dists=("uniform", "zipf:1.05"),
+        configs=CONFIGS, batch_size: int = 4096, dram_fraction: float = 0.1,
+        policy: str = "adaptive", n_batches: int = 4, repeats: int = 15,
+        progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+    torch.manual_seed(0)
+    cells = list(itertools.product(configs, dims, poolings, dists))
+    out = []
+    for (T, rows), dim, pooling, dist in tqdm(cells, desc="bench train" if train else
+                                              "bench lookup", disable=not progress):
+        r = bench_config(T, rows, dim, pooling, dist, batch_size, train, dram_fraction, policy,
+                         n_batches, repeats)
+        r["speedup_vs_torch"] = r["torch_embeddingbag"] / r["tierstore"]
+        if "fbgemm_tbe" in r:
+            r["speedup_vs_fbgemm"] = r["fbgemm_tbe"] / r["tierstore"]
+        key = f"tierstore_dram_{dram_fraction:g}"
+        if key in r:
+            r["dram_fraction_rate_ratio"] = r["tierstore"] / r[key]
+        out.append(r)
+    return {"mode": "train" if train else "lookup", "results": out}
+
+
+def table(results: dict[str, Any]) -> str:
+    train = results["mode"] == "train"
+    head = ["tables x rows", "dim", "pool", "ids", "tierstore ms", "nn.EmbeddingBag ms",
+            "FBGEMM ms", "vs torch", "vs FBGEMM"]
+    if train:
+        head += ["10% DRAM ms", "hit rate", "10%/all rate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["results"]:
+        ms = lambda k: f"{1e3 * r[k]:.2f}" if k in r else "n/a"  # noqa: E731
+        cells = [f"{r['tables']} x {r['rows']:,}", str(r["dim"]), str(r["pooling"]), r["dist"],
+                 ms("tierstore"), ms("torch_embeddingbag"), ms("fbgemm_tbe"),
+                 f"{r['speedup_vs_torch']:.2f}x",
+                 f"{r['speedup_vs_fbgemm']:.2f}x" if "speedup_vs_fbgemm" in r else "n/a"]
+        if train:
+            k = next((k for k in r if k.startswith("tierstore_dram_") and not k.endswith("rate")), None)
+            cells += [ms(k) if k else "n/a", f"{r[k + '_hit_rate']:.3f}" if k else "n/a",
+                      f"{r['dram_fraction_rate_ratio']:.2f}x" if k else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

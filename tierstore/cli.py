@@ -1,0 +1,183 @@
+"""The `tierstore` command: demo, benchmarks and admin of an embedded store.
+
+    tierstore demo                         the engine end to end (what `make run` shows)
+    tierstore bench cache --trace PATH|zipf:alpha=A,n=N,len=L,seed=S --capacity 0.01,0.1 ...
+    tierstore bench lookup|train|scm       tierstore against nn.EmbeddingBag and FBGEMM
+    tierstore stats --path DIR [--json]    per-table and per-tier figures of a store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _words(s: str) -> list[str]:
+    return [x for x in s.split(",") if x]
+
+
+def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else text)
+
+
+def cmd_bench_cache(a: argparse.Namespace) -> int:
+    from tierstore.bench import cache
+    from tierstore.cache import POLICIES
+    bad = [p for p in a.policy if p not in POLICIES]
+    if bad:
+        raise SystemExit(f"tierstore: unknown policy {bad}; valid: {sorted(POLICIES)}")
+    res = cache.run(a.trace, a.capacity, a.policy, a.batch, a.jobs, progress=not a.json)
+    _emit(res, a.json, cache.table(res))
+    return 0
+
+
+def cmd_bench_lookup(a: argparse.Namespace, train: bool) -> int:
+    from tierstore.bench import lookup
+    configs = [c for c in lookup.CONFIGS if a.tables is None or c[0] in a.tables]
+    res = lookup.run(train, dims=a.dims, poolings=a.pooling, dists=a.dist, configs=configs,
+                     batch_size=a.batch, dram_fraction=a.dram_fraction, policy=a.policy,
+                     repeats=a.repeats, progress=not a.json)
+    _emit(res, a.json, lookup.table(res))
+    return 0
+
+
+def cmd_bench_scm(a: argparse.Namespace) -> int:
+    from tierstore.bench import scm
+    res = {"reads": scm.bench_reads(num_rows=a.rows, dim=a.dim), "overhead": scm.bench_overhead()}
+    r = res["reads"]
+    text = (f"4096 random rows of {a.rows:,} x {a.dim}: RowFile {r['rowfile_rows_per_s'] / 1e6:.2f} "
+            f"M rows/s, numpy.memmap {r['memmap_rows_per_s'] / 1e6:.2f} M rows/s, pread loop "
+            f"{r['pread_rows_per_s'] / 1e6:.2f} M rows/s; RowFile/memmap {r['ratio_vs_memmap']:.2f}x\n")
+    for p, o in res["overhead"].items():
+        text += (f"{p}: {o['overhead_bytes_per_cached_row']:.2f} B/cached row + "
+                 f"{o['index_bytes_per_table_row']:.1f} B/table row (index)\n")
+    _emit(res, a.json, text)
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    import tierstore as ts
+    with ts.Store(a.path, ddr_bytes=1 << 20) as store:
+        for name in store.tables():
+            store.open_table(name)
+        st = store.stats()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"# store {st['path']}  policy {st['policy']}  dram {st['dram_bytes']:,} B  "
+          f"scm {st['scm_bytes']:,} B")
+    for name, t in st["tables"].items():
+        print(f"\n# table {name}")
+        for k, v in t.items():
+            if k != "bytes":
+                print(f"{k}:{v}")
+        print(f"dram_bytes:{t['bytes']['dram']}\nscm_bytes:{t['bytes']['scm']}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from tierstore.demo import run
+    res = run(steps=a.steps, progress=not a.json)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierstore", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the engine end to end on synthetic data")
+    d.add_argument("--steps", type=int, default=300, help="training-like steps per policy")
+    d.add_argument("--json", action="store_true", help="print one JSON summary")
+    d.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("stats", help="per-table and per-tier figures of an embedded store")
+    s.add_argument("--path", required=True, help="store directory")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_stats)
+
+    b = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
+    bs = b.add_subparsers(dest="bench", required=True)
+    c = bs.add_parser("cache", help="hit rates of cache policies on a trace, via the DRAM tier")
+    c.add_argument("--trace", type=_words, required=True,
+                   help="comma-separated: a file (one id per line) or zipf:alpha=A,n=N,len=L,seed=S;"
+                        " repeat --trace for several zipf specs", action="extend")
+    c.add_argument("--capacity", type=_floats, default=[0.01, 0.05, 0.1, 0.25],
+                   help="cache sizes as fractions of the trace's distinct ids")
+    c.add_argument("--policy", type=_words, default=["lru", "lfu", "adaptive", "belady"])
+    c.add_argument("--batch", type=int, default=1, help="ids per policy decision")
+    c.add_argument("--jobs", type=int, default=1, help="worker processes")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_bench_cache)
+    for name, train in (("lookup", False), ("train", True)):
+        x = bs.add_parser(name, help=("pooled forward" if not train else
+                                      "forward + backward + row-wise Adagrad") +
+                          " vs nn.EmbeddingBag and FBGEMM TBE")
+        x.add_argument("--dims", type=_ints, default=[64, 128])
+        x.add_argument("--pooling", type=_ints, default=[1, 20])
+        x.add_argument("--dist", type=_words, default=["uniform", "zipf:1.05"])
+        x.add_argument("--tables", type=_ints, default=None,
+                       help="only these table counts of the configs (26 x 100k, 8 x 1M)")
+        x.add_argument("--batch", type=int, default=4096)
+        x.add_argument("--dram-fraction", type=float, default=0.1 if train else 1.0,
+                       help="train: also run tierstore with DRAM holding this fraction")
+        x.add_argument("--policy", default="adaptive")
+        x.add_argument("--repeats", type=int, default=15)
+        x.add_argument("--json", action="store_true")
+        x.set_defaults(fn=lambda a, train=train: cmd_bench_lookup(a, train))
+    m = bs.add_parser("scm", help="SCM random-row reads vs numpy.memmap; DRAM overhead per row")
+    m.add_argument("--rows", type=int, default=1_000_000)
+    m.add_argument("--dim", type=int, default=64)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_bench_scm)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if getattr(args, "trace", None):
+        args.trace = _split_traces(args.trace)
+    return args.fn(args)
+
+
+def _split_traces(parts: list[str]) -> list[str]:
+    """Re-join 'zipf:alpha=1,n=2,len=3,seed=4' that the comma split broke apart."""
+    out: list[str] = []
+    for p in parts:
+        if out and out[-1].startswith("zipf:") and "=" in p and ":" not in p and not p.startswith("/"):
+            out[-1] += "," + p
+        else:
+            out.append(p)
+    return out
+
+
+def tierstored(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tierstored` service (its control and data planes are the next
+    milestone; until then it explains how to use the embedded engine)."""
+    msg = ("tierstored: the host service is not part of this release yet; use the embedded "
+           "engine (tierstore.Store) in-process. See README.md.")
+    print(msg, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
