@@ -205,3 +205,20 @@ def test_gradients_for_rows_not_in_dram_update_scm(store_dir):
     assert store.stats()["tables"]["t"]["dirty_rows"] == 0
     want = before - torch.tensor([2.0, 1.0, 1.0]).unsqueeze(1)
     torch.testing.assert_close(store.lookup("t", torch.arange(10, 13)), want)
+
+
+@pytest.mark.parametrize("opt", OPTS, ids=lambda o: o.kind)
+def test_fused_kernel_and_torch_path_agree(tmp_path, rng, opt):
+    stores = [make(str(tmp_path / f"s{i}"), ROWS, opt) for i in range(2)]
+    stores[1]._entry("t").cache.fused = False
+    for _ in range(4):
+        lengths = rng.integers(1, 6, 50)
+        idx = torch.from_numpy(rng.integers(0, 120, lengths.sum()))
+        off = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+        g = torch.randn(50, DIM)
+        for s in stores:
+            s.pooled("t", idx, off, mode="mean")
+            s.apply_pooled_gradients("t", idx, off, g, mode="mean")
+    a, b = (full_table(s, "t") for s in stores)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a, full_table(make(str(tmp_path / "fresh"), ROWS, opt), "t"))

@@ -93,3 +93,19 @@ def adagrad_update(uslots, u, acc, w, state, dirty, lr, eps):
             state[s, d] = st
             w[s, d] -= lr32 * g / (np.sqrt(st) + eps32)
         dirty[s] = 1
+
+
+@numba.njit(**_JIT)
+def distinct_positions(pos, mark, out):
+    """Distinct values of ``pos`` (ints in [0, len(mark))) in first-occurrence order into out;
+    returns how many. ``mark`` is all -1 on entry and on return."""
+    u = 0
+    for i in range(pos.shape[0]):
+        p = pos[i]
+        if mark[p] < 0:
+            mark[p] = u
+            out[u] = p
+            u += 1
+    for j in range(u):
+        mark[out[j]] = -1
+    return u

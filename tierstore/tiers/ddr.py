@@ -90,6 +90,8 @@ class DDRCache:
         self._mark = np.full(cap1, -1, dtype=np.int64)
         self._uslots = np.empty(0, dtype=np.int64)
         self._acc = np.empty((0, spec.dim), dtype=np.float32)
+        #: True: fused numba kernels on float32 tables; False: the plain torch path.
+        self.fused = True
 
     # -- residency -------------------------------------------------------------------------
     def positions(self, ids: np.ndarray) -> np.ndarray:
@@ -109,8 +111,14 @@ class DDRCache:
         self.counters["lookups"] += n
         self.counters["hits"] += n
         if self.policy.tracks_hits and n:
-            self.policy.access(distinct_in_order(pos.numpy().astype(np.int64)) - 1, _EMPTY)
+            self.policy.access(self._distinct_slots(pos.numpy()), _EMPTY)
         return pos
+
+    def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
+        """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
+        out = np.empty(len(pos), dtype=np.int64)
+        u = kernels.distinct_positions(pos, self._mark, out)
+        return out[:u] - 1
 
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         """Make the rows of one batch resident as far as the policy admits them.
@@ -126,12 +134,12 @@ class DDRCache:
         if not miss.any():
             self.counters["hits"] += n
             if self.policy.tracks_hits:
-                self.policy.access(distinct_in_order(pos) - 1, _EMPTY)
+                self.policy.access(self._distinct_slots(pos), _EMPTY)
             return pos, None
         miss_rows = distinct_in_order(ids[miss])
         self.counters["misses"] += len(miss_rows)
         self.counters["hits"] += n - len(miss_rows)
-        hit_slots = distinct_in_order(pos[~miss]) - 1 if self.policy.tracks_hits else _EMPTY
+        hit_slots = self._distinct_slots(pos[~miss]) if self.policy.tracks_hits else _EMPTY
         adm = self.policy.access(hit_slots, miss_rows)
         self._admit(miss_rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
         pos[miss] = self.positions(ids[miss])
@@ -204,6 +212,9 @@ class DDRCache:
         return self._uslots, self._acc
 
     def _apply_resident(self, pos, src, scale, g) -> None:
+        if not self.fused:
+            self._apply_resident_torch(pos, src, scale, g)
+            return
         uslots, acc = self._buffers(len(pos))
         u = kernels.accumulate(pos, src, scale, g, self._mark, uslots, acc)
         up, ag = uslots[:u], acc[:u]
@@ -220,6 +231,17 @@ class DDRCache:
             kernels.sgd_update(up, u, ag, self.weights, self.dirty, opt.lr)
         else:  # any other SparseOptimizer: its reference torch update
             self._update_torch(up, ag)
+
+    def _apply_resident_torch(self, pos, src, scale, g) -> None:
+        """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
+        kept as the measured alternative to the fused kernel (benchmarks/bench_kernels.py)."""
+        pos_t = torch.from_numpy(pos)
+        contrib = torch.from_numpy(g).index_select(0, torch.from_numpy(src))
+        if len(scale):
+            contrib = contrib * torch.from_numpy(scale).unsqueeze(1)
+        u, inv = torch.unique(pos_t, return_inverse=True)
+        summed = torch.zeros(len(u), g.shape[1]).index_add_(0, inv, contrib)
+        self._update_torch(u.numpy(), summed.numpy())
 
     def _update_torch(self, pos: np.ndarray, g: np.ndarray) -> None:
         w = torch.from_numpy(self.weights[pos].astype(np.float32))
