@@ -3,6 +3,7 @@ argument and the table, before anything is changed."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,6 @@ def grads(x: Any, n: int, spec: TableSpec, what: str = "grads") -> torch.Tensor:
         raise InvalidInput(f"table {spec.name!r}: {what} must have shape ({n}, {spec.dim}), "
                            f"got {tuple(t.shape)}")
     t = t.to(torch.float32)
-    if not torch.isfinite(t).all():
+    if t.numel() and not all(map(math.isfinite, map(float, torch.aminmax(t)))):  # NaN propagates
         raise InvalidInput(f"table {spec.name!r}: {what} contain NaN or infinity")
     return t

@@ -27,6 +27,9 @@ from tierstore.cache.base import CachePolicy
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
+
+_KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
+                Adagrad: kernels.ADAGRAD}
 from tierstore.tiers import shm
 from tierstore.tiers.index import DenseIndex, HashIndex
 
@@ -88,8 +91,11 @@ class DDRCache:
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
         self._mark = np.full(cap1, -1, dtype=np.int64)
-        self._uslots = np.empty(0, dtype=np.int64)
-        self._acc = np.empty((0, spec.dim), dtype=np.float32)
+        bucket = 1 << kernels.BUCKET_SHIFT
+        self._counts = np.zeros((cap1 >> kernels.BUCKET_SHIFT) + 2, dtype=np.int64)
+        self._acc = np.empty((bucket, spec.dim), dtype=np.float32)
+        self._upos = np.empty(bucket, dtype=np.int64)
+        self._order_buf = np.empty(0, dtype=np.int64)
         #: True: fused numba kernels on float32 tables; False: the plain torch path.
         self.fused = True
 
@@ -204,33 +210,21 @@ class DDRCache:
         if len(pos):
             self._apply_resident(pos, src, scale, g)
 
-    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._uslots) < n:
-            size = max(n, 2 * len(self._uslots))
-            self._uslots = np.empty(size, dtype=np.int64)
-            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
-        return self._uslots, self._acc
-
     def _apply_resident(self, pos, src, scale, g) -> None:
-        if not self.fused:
+        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
+        if not self.fused or kind is None or self.weights.dtype != np.float32:
             self._apply_resident_torch(pos, src, scale, g)
             return
-        uslots, acc = self._buffers(len(pos))
-        u = kernels.accumulate(pos, src, scale, g, self._mark, uslots, acc)
-        up, ag = uslots[:u], acc[:u]
         opt = self.spec.optimizer
-        if self.weights.dtype != np.float32:
-            self._update_torch(up, ag)
-        elif isinstance(opt, RowWiseAdagrad):
-            kernels.rowwise_adagrad_update(up, u, ag, self.weights, self.state, self.dirty,
-                                           opt.lr, opt.eps, opt.weight_decay)
-        elif isinstance(opt, Adagrad):
-            kernels.adagrad_update(up, u, ag, self.weights, self.state, self.dirty, opt.lr,
-                                   opt.eps)
-        elif isinstance(opt, SGD):
-            kernels.sgd_update(up, u, ag, self.weights, self.dirty, opt.lr)
-        else:  # any other SparseOptimizer: its reference torch update
-            self._update_torch(up, ag)
+        kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
+                           opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
+                           self._counts, self._order(len(pos)), self._mark, self._acc,
+                           self._upos)
+
+    def _order(self, n: int) -> np.ndarray:
+        if len(self._order_buf) < n:
+            self._order_buf = np.empty(max(n, 2 * len(self._order_buf)), dtype=np.int64)
+        return self._order_buf
 
     def _apply_resident_torch(self, pos, src, scale, g) -> None:
         """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);

@@ -1,0 +1,289 @@
+"""The default policy: W-TinyLFU whose window size adapts to the workload from ghost hits.
+
+Structure (Einziger, Friedman & Manes, "TinyLFU", 2017):
+
+- a *window* LRU that every missing row enters;
+- a *main* segmented LRU: *probation* and *protected* (at most ``protected`` of main); a hit in
+  probation promotes the row to protected, whose overflow is demoted back to probation;
+- when the window is over its target size its least recent row (the *candidate*) leaves it and
+  duels the least recent row of main (the *victim*, probation first): the candidate enters
+  probation only if the count-min sketch has seen it more often lately than the victim,
+  otherwise the candidate is evicted.
+
+A small window with the frequency filter is what i.i.d. (Zipf-like) traffic wants; a window
+that fills the whole cache is plain LRU, which is what recency-heavy embedding traces want. The
+window target moves the way ARC moves its T1/T2 split: two ghost lists remember recently evicted
+rows, one for rows that left through the window (rejected candidates) and one for rows evicted
+from main. A miss on a row in the window ghost means a larger window would have hit it, so the
+target grows by ``step * capacity`` (times ARC's size ratio of the other ghost to this one); a
+miss on a row in the main ghost shrinks it the same way. Unlike hill climbing on the hit rate,
+each ghost hit is direct evidence for one direction, so the window converges within a few
+capacities of traffic and does not wander on noise. See docs/cache.md for the measurements.
+
+Batches of more than one row follow base.py: hits are recorded first (sketch, promotion,
+recency), then the misses enter the window together; the candidates needed for them are the
+oldest window rows, dueled pairwise against the oldest main rows. With batch 1 this is exactly
+the per-access algorithm.
+
+Memory: uint8 segment + int32 stamp per slot (5 bytes/slot); the sketch (4 x ``sketch_width``
+x capacity 4-bit counters: 2 bytes per cached row by default) and ghost filters (8 bits per
+remembered row: 0.4 bytes per cached row by default). The row held by each slot is read from
+the tier's array when :meth:`AdaptivePolicy.bind_rows` is called, else kept here (8 bytes/slot).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import Admission, CachePolicy
+from .lru import admit_first
+from .sketch import CountMinSketch, GhostLists, row_hashes
+from .slots import (
+    EMPTY_SLOTS,
+    INT64_MAX,
+    FreeSlots,
+    Stamps,
+    VictimPool,
+    as_index,
+    default_pool_size,
+    pin_for_batch,
+    unpin_after_batch,
+)
+
+FREE, WINDOW, PROBATION, PROTECTED = 0, 1, 2, 3
+WINDOW_GHOST, MAIN_GHOST = 0, 1
+
+
+class AdaptivePolicy(CachePolicy):
+    """W-TinyLFU with an ARC-style, ghost-driven window size (see the module docstring).
+
+    Parameters (fractions are of ``capacity``):
+        window: initial window target (default 1%, TinyLFU's choice).
+        protected: protected share of main (default 80%).
+        sketch_width: counters per sketch row, per cached row (default 1.0).
+        sample: the sketch halves its counters every ``sample * capacity`` accesses.
+        ghost_fraction: rows each ghost list remembers (default 10%).
+        step: window change per ghost hit, before ARC's ratio (default 0.5%).
+    """
+
+    name = "adaptive"
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        window: float = 0.01,
+        protected: float = 0.8,
+        sketch_width: float = 1.0,
+        sample: float = 10.0,
+        ghost_fraction: float = 0.1,
+        step: float = 0.005,
+        pool_size: int | None = None,
+    ) -> None:
+        super().__init__(capacity)
+        c = self.capacity
+        if not 0.0 <= protected <= 1.0:
+            raise ValueError(f"protected must be within [0, 1], got {protected}")
+        self._protected_share = float(protected)
+        self._window_bounds = (1.0, float(max(1, c - 1)))
+        self._initial_window = min(max(window * c, 1.0), self._window_bounds[1])
+        self._step = max(1.0, step * c)
+        self._seg = np.zeros(c, dtype=np.uint8)
+        self._stamps = Stamps(c)
+        self._free = FreeSlots(c)
+        target = pool_size or default_pool_size(c)
+        self._pools = {
+            segment: VictimPool(self._stamp_of, self._segment_keys(segment), target)
+            for segment in (WINDOW, PROBATION, PROTECTED)
+        }
+        self._sketch = CountMinSketch(width=math.ceil(sketch_width * c), sample=sample * c)
+        self._ghosts = GhostLists(entries=round(ghost_fraction * c))
+        self._rows = np.full(c, -1, dtype=np.int64)
+        self._owns_rows = True
+        self.reset()
+
+    # ----------------------------------------------------------------------------- public API
+    def bind_rows(self, slot_rows: np.ndarray) -> None:
+        """Read each slot's row id from the tier's int64[capacity] array instead of a copy.
+
+        The tier must have applied every earlier Admission to ``slot_rows`` before the next
+        :meth:`access` (rows of victims are read during the call, before the tier evicts them).
+        """
+        slot_rows = np.asarray(slot_rows)
+        if slot_rows.shape != (self.capacity,) or slot_rows.dtype != np.int64:
+            raise ValueError(f"slot_rows must be int64[{self.capacity}]")
+        self._rows = slot_rows
+        self._owns_rows = False
+
+    @property
+    def window_target(self) -> int:
+        """Current target size of the window segment, in rows."""
+        return int(self._window)
+
+    def segment_sizes(self) -> dict[str, int]:
+        return {
+            "window": int(self._size[WINDOW]),
+            "probation": int(self._size[PROBATION]),
+            "protected": int(self._size[PROTECTED]),
+            "free": len(self._free),
+        }
+
+    def access(self, hit_slots: np.ndarray, miss_rows: np.ndarray) -> Admission:
+        hit_slots = as_index(hit_slots)
+        miss_rows = as_index(miss_rows)
+        n_hit, m = len(hit_slots), len(miss_rows)
+        seen = np.concatenate([self._rows[hit_slots], miss_rows]) if n_hit else miss_rows
+        hashes = row_hashes(seen)
+        self._sketch.increment(hashes)
+        if n_hit:
+            self._record_hits(hit_slots)
+        if m == 0:
+            return admit_first(0, EMPTY_SLOTS)
+        self._adapt_window(hashes[:, n_hit:])
+        previous = pin_for_batch(self.pinned, hit_slots)
+        try:
+            slots = self._admit(m)
+        finally:
+            unpin_after_batch(self.pinned, hit_slots, previous)
+        if len(slots):
+            self._place(slots, WINDOW)
+            if self._owns_rows:
+                self._rows[slots] = miss_rows[: len(slots)]
+        return admit_first(m, slots)
+
+    def reset(self) -> None:
+        self._seg.fill(FREE)
+        self._size = np.zeros(4, dtype=np.int64)  # rows per segment code
+        self._stamps.reset()
+        self._free.reset()
+        for pool in self._pools.values():
+            pool.invalidate()
+        self._sketch.clear()
+        self._ghosts.clear()
+        self._window = self._initial_window
+        if self._owns_rows:
+            self._rows.fill(-1)
+
+    def release(self, slots: np.ndarray) -> None:
+        slots = np.unique(as_index(slots))
+        slots = slots[self._seg[slots] != FREE]
+        self._size -= np.bincount(self._seg[slots], minlength=4)
+        self._seg[slots] = FREE
+        self._stamps.free(slots)
+        self._free.give(slots)
+        if self._owns_rows:
+            self._rows[slots] = -1
+
+    def metadata_bytes(self) -> int:
+        total = self._seg.nbytes + self._stamps.nbytes + self.pinned.nbytes + self._free.nbytes
+        total += sum(pool.nbytes for pool in self._pools.values())
+        total += self._sketch.nbytes + self._ghosts.nbytes
+        return total + (self._rows.nbytes if self._owns_rows else 0)
+
+    # ------------------------------------------------------------------------ segment moves
+    def _stamp_of(self, slots: np.ndarray) -> np.ndarray:
+        return self._stamps.values[slots]
+
+    def _segment_keys(self, segment: int):
+        def keys() -> np.ndarray:
+            return np.where(self._seg == segment, self._stamps.values.astype(np.int64), INT64_MAX)
+
+        return keys
+
+    def _place(self, slots: np.ndarray, segment: int) -> None:
+        """Make ``slots`` the most recent rows of ``segment`` (moving them from wherever)."""
+        if not len(slots):
+            return
+        self._size -= np.bincount(self._seg[slots], minlength=4)
+        self._size[segment] += len(slots)
+        self._seg[slots] = segment
+        if self._stamps.touch(slots):
+            for pool in self._pools.values():
+                pool.invalidate()
+        self._pools[segment].offer(slots)
+
+    def _record_hits(self, slots: np.ndarray) -> None:
+        in_probation = self._seg[slots] == PROBATION
+        if in_probation.any():
+            self._place(slots[in_probation], PROTECTED)
+            slots = slots[~in_probation]
+        in_window = self._seg[slots] == WINDOW
+        self._place(slots[in_window], WINDOW)
+        self._place(slots[~in_window], PROTECTED)
+        self._demote_protected_overflow()
+
+    def _protected_limit(self) -> int:
+        return int(self._protected_share * (self.capacity - self.window_target))
+
+    def _demote_protected_overflow(self) -> None:
+        excess = int(self._size[PROTECTED]) - self._protected_limit()
+        if excess > 0:
+            demoted = self._pools[PROTECTED].smallest(excess, self.pinned)
+            self._place(demoted, PROBATION)
+
+    # ---------------------------------------------------------------------------- adaptation
+    def _adapt_window(self, miss_hashes: np.ndarray) -> None:
+        """Move the window target by the ghost hits of this batch's misses (ARC's rule)."""
+        in_window_ghost, in_main_ghost = self._ghosts.lookup(miss_hashes)
+        grow = int(np.count_nonzero(in_window_ghost))
+        shrink = int(np.count_nonzero(in_main_ghost & ~in_window_ghost))
+        if not (grow or shrink):
+            return
+        window_ghost = max(1, self._ghosts.remembered(WINDOW_GHOST))
+        main_ghost = max(1, self._ghosts.remembered(MAIN_GHOST))
+        up = grow * self._step * max(1.0, main_ghost / window_ghost)
+        down = shrink * self._step * max(1.0, window_ghost / main_ghost)
+        low, high = self._window_bounds
+        self._window = min(max(self._window + up - down, low), high)
+        self._demote_protected_overflow()
+
+    # ----------------------------------------------------------------------------- admission
+    def _admit(self, m: int) -> np.ndarray:
+        """Slots for the first misses of the batch: free slots, then duel losers' slots."""
+        free = self._free.take(m)
+        need = m - len(free)
+        leaving = max(0, int(self._size[WINDOW]) + m - self.window_target)
+        candidates = self._pools[WINDOW].smallest(leaving, self.pinned)
+        n_duels = min(need, len(candidates))
+        victims = self._main_victims(need)
+        challengers = candidates[: min(n_duels, len(victims))]
+        opponents = victims[: len(challengers)]
+        wins = self._challenger_wins(challengers, opponents)
+        # Window rows that leave without room to win (no opponent) are evicted; the rest of
+        # the victims are evicted outright (the window is below its target and grows).
+        rejected = np.concatenate([challengers[~wins], candidates[len(challengers) : n_duels]])
+        evicted_main = np.concatenate([opponents[wins], victims[n_duels:]])
+        promoted = np.concatenate([challengers[wins], candidates[n_duels:]])
+        shortfall = need - len(rejected) - len(evicted_main)
+        if shortfall > 0:  # main is empty or pinned: fall back to older window rows
+            older = self._pools[WINDOW].smallest(len(candidates) + shortfall, self.pinned)
+            rejected = np.concatenate([rejected, older[len(candidates) :]])
+        self._remember(WINDOW_GHOST, rejected)
+        self._remember(MAIN_GHOST, evicted_main)
+        if len(promoted):
+            self._place(promoted, PROBATION)
+        return np.concatenate([free, rejected, evicted_main])
+
+    def _main_victims(self, k: int) -> np.ndarray:
+        """Up to ``k`` least recent main rows: probation first, then protected."""
+        victims = self._pools[PROBATION].smallest(k, self.pinned)
+        if len(victims) < k:
+            more = self._pools[PROTECTED].smallest(k - len(victims), self.pinned)
+            victims = np.concatenate([victims, more])
+        return victims
+
+    def _challenger_wins(self, challengers: np.ndarray, opponents: np.ndarray) -> np.ndarray:
+        """TinyLFU's admission test: the challenger was seen more often lately."""
+        n = len(challengers)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        counts = self._sketch.estimate(
+            row_hashes(np.concatenate([self._rows[challengers], self._rows[opponents]]))
+        )
+        return counts[:n] > counts[n:]
+
+    def _remember(self, which: int, slots: np.ndarray) -> None:
+        if len(slots):
+            self._ghosts.add(which, row_hashes(self._rows[slots]))

@@ -1,0 +1,294 @@
+"""Slot bookkeeping shared by the cache policies.
+
+- :class:`Stamps`: an int32 recency stamp per slot (``-1`` = free), renumbered before overflow.
+- :class:`FreeSlots`: which slots hold no row (a fill pointer plus a stack of released slots), so
+  no policy ever scans its slot arrays to find room.
+- :class:`VictimPool`: an amortized source of the slots with the smallest eviction key. A policy
+  that evicted with an ``argmin`` over all slots would do O(capacity) work per miss; the pool
+  instead keeps a sorted snapshot of the few smallest keys and only rescans all slots when the
+  snapshot runs dry, so a miss costs O(1) amortized while the choice stays exact.
+
+All of it works on whole numpy arrays; nothing loops over ids in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+INT64_MAX = np.iinfo(np.int64).max
+EMPTY_SLOTS = np.empty(0, dtype=np.int64)
+EMPTY_SLOTS.flags.writeable = False
+
+
+def as_index(values: np.ndarray) -> np.ndarray:
+    """``values`` as an int64 array (no copy when it already is one)."""
+    return np.asarray(values, dtype=np.int64)
+
+
+def default_pool_size(capacity: int) -> int:
+    """Snapshot size of a :class:`VictimPool`: ~1/64 of the slots, between 32 and 16384."""
+    return int(min(16384, max(32, capacity // 64)))
+
+
+class Stamps:
+    """Per-slot int32 recency stamps from a monotone clock; ``FREE`` (-1) marks an empty slot.
+
+    ``touch(slots)`` gives the slots the next stamps, in order. Before the clock would pass
+    ``limit`` the occupied stamps are renumbered to ``0..n-1`` (same order) so a long-running
+    cache never overflows; ``touch`` then returns True and callers must drop anything that
+    cached old stamp values (e.g. call :meth:`VictimPool.invalidate`).
+    """
+
+    FREE = -1
+
+    def __init__(self, capacity: int, limit: int = 2**31 - 1) -> None:
+        if limit < 2 * capacity:
+            raise ValueError(f"stamp limit {limit} must be at least twice the capacity {capacity}")
+        self.values = np.full(capacity, self.FREE, dtype=np.int32)
+        self.now = 0
+        self.limit = int(limit)
+
+    def reset(self) -> None:
+        self.values.fill(self.FREE)
+        self.now = 0
+
+    def touch(self, slots: np.ndarray) -> bool:
+        """Stamp ``slots`` (distinct) as most recent, in order. True if stamps were renumbered."""
+        n = len(slots)
+        renumbered = False
+        if self.now + n > self.limit:
+            self._renumber()
+            renumbered = True
+        if n == 1:
+            self.values[slots] = self.now
+        else:
+            self.values[slots] = np.arange(self.now, self.now + n, dtype=np.int32)
+        self.now += n
+        return renumbered
+
+    def free(self, slots: np.ndarray) -> None:
+        self.values[slots] = self.FREE
+
+    def _renumber(self) -> None:
+        occupied = np.flatnonzero(self.values >= 0)
+        order = np.argsort(self.values[occupied], kind="stable")
+        self.values[occupied[order]] = np.arange(len(occupied), dtype=np.int32)
+        self.now = len(occupied)
+        if self.now + len(self.values) > self.limit:
+            raise OverflowError("stamp limit too small for this capacity")
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes
+
+
+class FreeSlots:
+    """The slots that hold no row: never-used slots ``next..capacity-1`` plus released ones.
+
+    The caller keeps it consistent with its own per-slot state: ``give`` only slots that were
+    occupied, ``take`` marks the returned slots as occupied from then on.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.reset()
+
+    def reset(self) -> None:
+        self._next = 0
+        self._released = EMPTY_SLOTS
+
+    def __len__(self) -> int:
+        return self.capacity - self._next + len(self._released)
+
+    def take(self, m: int) -> np.ndarray:
+        """Up to ``m`` free slots (released ones first); they count as occupied afterwards."""
+        if m <= 0 or (self._next == self.capacity and not len(self._released)):
+            return EMPTY_SLOTS
+        reused = self._released[:m]
+        self._released = self._released[len(reused):]
+        fresh_count = min(m - len(reused), self.capacity - self._next)
+        fresh = np.arange(self._next, self._next + fresh_count, dtype=np.int64)
+        self._next += fresh_count
+        return np.concatenate([reused, fresh]) if len(reused) else fresh
+
+    def give(self, slots: np.ndarray) -> None:
+        """These (distinct, previously occupied) slots are free again."""
+        if len(slots):
+            self._released = np.concatenate([self._released, as_index(slots)])
+
+    @property
+    def nbytes(self) -> int:
+        return self._released.nbytes
+
+
+class VictimPool:
+    """The member slots with the smallest keys, served in key order at O(1) amortized cost.
+
+    The owner defines the keys through two callables:
+
+    - ``key_of(slots)``: the current int64-comparable key of each slot (also called with a
+      single numpy integer). A slot's key must change whenever the slot is touched, moved or
+      freed, and must never return to a value it held before (recency stamps and next-use
+      positions have this property), so a pool entry is *valid* exactly when its stored key
+      still equals ``key_of(slot)``.
+    - ``all_keys()``: int64[capacity] with the key of every member slot and ``INT64_MAX`` for
+      non-members (free slots, other segments).
+
+    The pool holds a sorted snapshot of at least ``target`` smallest member keys and a
+    ``threshold`` such that every member slot not in the snapshot (with its current key) has a
+    key >= threshold. Stale entries are skipped lazily. Owners whose keys only grow (recency
+    stamps) need nothing else; owners whose keys can drop below the threshold (counts, next-use
+    times) must :meth:`offer` the slots whose keys changed. :meth:`smallest` rescans all slots
+    (``all_keys``) only when the snapshot has no eligible entry left.
+
+    The snapshot lives in ``[head, tail)`` of two buffers with spare room at the end, so a
+    single offered entry is inserted by shifting the entries after it.
+    """
+
+    def __init__(
+        self,
+        key_of: Callable[[np.ndarray], np.ndarray],
+        all_keys: Callable[[], np.ndarray],
+        target: int,
+    ) -> None:
+        self._key_of = key_of
+        self._all_keys = all_keys
+        self.target = max(1, int(target))
+        self.rebuilds = 0
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Keys changed wholesale (renumbering, decay, reset): rescan on next use."""
+        self._slots = EMPTY_SLOTS
+        self._keys = EMPTY_SLOTS
+        self._head = self._tail = 0
+        self._threshold = INT64_MAX
+        self._fresh = False
+
+    def __len__(self) -> int:
+        return self._tail - self._head
+
+    def smallest(self, m: int, blocked: np.ndarray) -> np.ndarray:
+        """Up to ``m`` member slots with the smallest keys, ascending, skipping ``blocked`` ones.
+
+        Fewer than ``m`` only when fewer eligible members exist. Does not remove anything: a
+        slot leaves the pool when its key changes. The returned array must not be modified.
+        """
+        if m <= 0:
+            return EMPTY_SLOTS
+        head = self._head
+        if m == 1 and head < self._tail:
+            first = self._slots[head]
+            if self._key_of(first) == self._keys[head] and not blocked[first]:
+                return self._slots[head : head + 1]
+        rebuilt = False
+        if not self._fresh:
+            self._rebuild(m, blocked)
+            rebuilt = True
+        span = max(2 * m, 16)
+        while True:
+            lo = self._head
+            hi = min(lo + span, self._tail)
+            slots = self._slots[lo:hi]
+            valid = self._key_of(slots) == self._keys[lo:hi]
+            picked = slots[valid & ~blocked[slots]][:m]
+            if hi > lo and not valid[0]:
+                self._head = lo + (int(np.argmax(valid)) if valid.any() else hi - lo)
+            if len(picked) == m:
+                return picked
+            if hi == self._tail:
+                if rebuilt:
+                    return picked
+                self._rebuild(m, blocked)
+                rebuilt = True
+                span = max(2 * m, 16)
+            else:
+                span *= 4
+
+    def offer(self, slots: np.ndarray) -> None:
+        """These slots' keys changed; keep the ones that now fall below the threshold."""
+        if not self._fresh or not len(slots):
+            return
+        if len(slots) == 1:
+            key = int(self._key_of(slots[0]))
+            if key < self._threshold:
+                self._insert_one(int(slots[0]), key)
+            return
+        keys = np.asarray(self._key_of(slots), dtype=np.int64)
+        low = keys < self._threshold
+        if low.any():
+            self._merge(slots[low], keys[low])
+
+    def _insert_one(self, slot: int, key: int) -> None:
+        head, tail = self._head, self._tail
+        at = head + int(self._keys[head:tail].searchsorted(key, side="right"))
+        if at == head and head > 0:  # room just before the snapshot
+            self._head = at = head - 1
+        else:
+            if tail == len(self._slots):
+                self._store(self._slots[head:tail], self._keys[head:tail])
+                at -= head
+                tail = self._tail
+            self._slots[at + 1 : tail + 1] = self._slots[at:tail]
+            self._keys[at + 1 : tail + 1] = self._keys[at:tail]
+            self._tail = tail + 1
+        self._slots[at] = slot
+        self._keys[at] = key
+        self._truncate()
+
+    def _merge(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        all_slots = np.concatenate([self._slots[self._head : self._tail], slots])
+        all_keys = np.concatenate([self._keys[self._head : self._tail], keys])
+        order = np.argsort(all_keys, kind="stable")
+        self._store(all_slots[order], all_keys[order])
+        self._truncate()
+
+    def _truncate(self) -> None:
+        if self._tail - self._head > 2 * self.target + 64:
+            keep = self._head + self.target
+            self._threshold = int(self._keys[keep])
+            self._tail = keep
+
+    def _store(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        """Make (slots, keys), sorted by key, the snapshot, with spare room after it."""
+        room = len(slots) + max(64, len(slots) // 2)
+        self._slots = np.empty(room, dtype=np.int64)
+        self._keys = np.empty(room, dtype=np.int64)
+        self._slots[: len(slots)] = slots
+        self._keys[: len(keys)] = keys
+        self._head, self._tail = 0, len(slots)
+
+    def _rebuild(self, m: int, blocked: np.ndarray) -> None:
+        keys = np.asarray(self._all_keys(), dtype=np.int64)
+        member = keys != INT64_MAX
+        n_members = int(np.count_nonzero(member))
+        n_blocked = int(np.count_nonzero(blocked & member))
+        size = min(max(self.target, 2 * m) + n_blocked, n_members)
+        if size < len(keys):
+            part = np.argpartition(keys, size)
+            chosen = part[:size]
+            self._threshold = int(keys[part[size]])
+        else:
+            chosen = np.arange(len(keys), dtype=np.int64)
+            self._threshold = INT64_MAX
+        chosen = chosen[np.argsort(keys[chosen], kind="stable")]
+        self._store(chosen, keys[chosen])
+        self._fresh = True
+        self.rebuilds += 1
+
+    @property
+    def nbytes(self) -> int:
+        return self._slots.nbytes + self._keys.nbytes
+
+
+def pin_for_batch(pinned: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Pin ``slots`` while a batch is decided; returns their previous flags for :func:`unpin_after_batch`."""
+    previous = pinned[slots]
+    pinned[slots] = True
+    return previous
+
+
+def unpin_after_batch(pinned: np.ndarray, slots: np.ndarray, previous: np.ndarray) -> None:
+    pinned[slots] = previous
