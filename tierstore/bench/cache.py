@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tierstore.cache import make_policy
-from tierstore.cache.traces import load_trace_spec
+from tierstore.cache.traces import trace_from_spec
 from tierstore.config import TableSpec
 from tierstore.optim.sparse import SGD
 from tierstore.tiers.ddr import DDRCache
@@ -33,7 +33,7 @@ def replay_through_tier(trace: np.ndarray, policy: str, capacity: int, batch: in
     spec = TableSpec("trace", num_rows, 1, init="zeros", optimizer=SGD(0.0))
     path = os.path.join(workdir, f"{policy}-{capacity}-{os.getpid()}.rows")
     rows = RowFile(path, spec)
-    kwargs = {"future": trace} if policy == "belady" else {}
+    kwargs = {"future": trace, "batch": batch} if policy == "belady" else {}
     cache = DDRCache(spec, capacity, rows, make_policy(policy, capacity, **kwargs),
                      f"tierstore.bench.{os.getpid()}.{policy}.{capacity}")
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def replay_through_tier(trace: np.ndarray, policy: str, capacity: int, batch: in
 
 def _cell(args: tuple) -> dict[str, Any]:
     spec, policy, frac, batch = args
-    trace = load_trace_spec(spec)
+    trace = trace_from_spec(spec)
     capacity = max(1, int(round(frac * len(np.unique(trace)))))
     with tempfile.TemporaryDirectory(prefix="tierstore-bench-") as d:
         out = replay_through_tier(trace, policy, capacity, batch, d)
@@ -69,7 +69,7 @@ def run(traces: list[str], capacities: list[float], policies: list[str], batch: 
     results: dict[str, Any] = {"batch": batch, "traces": {}}
     cells = [(t, p, c, batch) for t in traces for c in capacities for p in policies]
     for t in traces:
-        tr = load_trace_spec(t)
+        tr = trace_from_spec(t)
         results["traces"][t] = {"accesses": int(len(tr)), "unique": int(len(np.unique(tr))),
                                 "cells": []}
     bar = tqdm(total=len(cells), desc="cache cells", disable=not progress, unit="cell")
