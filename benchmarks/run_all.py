@@ -35,8 +35,15 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
         res = lookup.run(train=True)
     elif name == "scm":
         res = {"reads": scm.bench_reads(), "overhead": scm.bench_overhead()}
+    elif name == "shampoo":
+        import subprocess
+        out = os.path.join(RESULTS, "shampoo.json")
+        subprocess.run([sys.executable, os.path.join(HERE, "bench_shampoo.py"), "--json-out", out],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            res = json.load(f)
     else:
-        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm")
+        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, shampoo")
     res["environment"] = common.environment()
     res["seconds"] = round(time.time() - started, 1)
     res["command"] = f"python benchmarks/run_all.py --only {name}" + (
@@ -122,12 +129,31 @@ def render_scm(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_shampoo(res: dict[str, Any]) -> str:
+    a, s = res["adagrad"], res["shampoo"]
+    ms = lambda x: f"{1e3 * x:.1f}"  # noqa: E731
+    return "\n".join([
+        f"DLRM dense parameters ({res['dense_params']:,}), batch {res['batch']}, "
+        f"precondition_frequency {res['precondition_frequency']}, {res['grafting']} grafting, "
+        f"{res['threads']} thread(s), {a['timed_steps']} timed steps each.", "",
+        "| optimizer | median step ms | amortized step ms | amortized optimizer step ms |",
+        "|---|---|---|---|",
+        f"| torch.optim.Adagrad | {ms(a['median_step_s'])} | {ms(a['amortized_step_s'])} | "
+        f"{ms(a['amortized_optimizer_step_s'])} |",
+        f"| DistributedShampoo | {ms(s['median_step_s'])} | {ms(s['amortized_step_s'])} | "
+        f"{ms(s['amortized_optimizer_step_s'])} |", "",
+        f"Target (issue 5): Shampoo step <= 1.10x Adagrad; amortized {res['ratio_amortized']:.3f}x "
+        f"(median {res['ratio_median']:.3f}x): "
+        f"{'met' if res['ratio_amortized'] <= 1.10 else 'NOT met'}. No GPU was lent, so no GPU ratio."])
+
+
 SECTIONS = {
     "cache": ("Cache hit rates through the DRAM tier (issue 2, number 1)", render_cache),
     "lookup": ("Pooled lookup, all rows in DRAM (number 2)", render_lookup),
     "train": ("Training step: lookup + backward + row-wise Adagrad (numbers 3 and 4)",
               render_lookup),
     "scm": ("SCM reads and DRAM overhead (numbers 5 and 6)", render_scm),
+    "shampoo": ("Distributed Shampoo step time (issue 5)", render_shampoo),
 }
 
 
@@ -152,7 +178,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", help="real trace for the cache section (one id per line)")
-    p.add_argument("--only", default="cache,lookup,train,scm")
+    p.add_argument("--only", default="cache,lookup,train,scm,shampoo")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
     p.add_argument("--jobs", type=int, default=2, help="processes for the cache section")
     p.add_argument("--render-only", action="store_true")

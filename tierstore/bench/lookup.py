@@ -147,10 +147,12 @@ def _fbgemm_baseline(T, rows, dim, batches, grad, train, repeats) -> dict[str, f
 
 def run(train: bool, dims=(64, 128), poolings=(1, 20), dists=("uniform", "zipf:1.05"),
         configs=CONFIGS, batch_size: int = 4096, dram_fraction: float = 0.1,
-        policy: str = "adaptive", n_batches: int = 4, repeats: int = 15,
+        policy: str = "adaptive", n_batches: int | None = None, repeats: int = 15,
         progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
     torch.manual_seed(0)
+    if n_batches is None:  # training streams more distinct batches so the cache really churns
+        n_batches = 16 if train else 4
     cells = list(itertools.product(configs, dims, poolings, dists))
     out = []
     for (T, rows), dim, pooling, dist in tqdm(cells, desc="bench train" if train else
