@@ -11,10 +11,13 @@ import torch
 
 from tierstore.config import TableSpec
 from tierstore.errors import InvalidInput
+from tierstore.optim import kernels
 
 
 def _as_tensor(x: Any, what: str, table: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
+    if type(x) is torch.Tensor:
+        t = x if not x.requires_grad else x.detach()
+    elif isinstance(x, torch.Tensor):
         t = x.detach()
     elif isinstance(x, np.ndarray):
         t = torch.from_numpy(x)
@@ -28,15 +31,29 @@ def _as_tensor(x: Any, what: str, table: str) -> torch.Tensor:
     return t
 
 
-def ids(x: Any, spec: TableSpec, what: str = "ids") -> torch.Tensor:
-    """1-D integer ids -> contiguous int64 CPU tensor, checked against the table's id space."""
+def ids(x: Any, spec: TableSpec, what: str = "ids", check_range: bool = True) -> torch.Tensor:
+    """1-D integer ids -> contiguous int64 CPU tensor, checked against the table's id space.
+
+    check_range=False leaves the range check to the caller (the DRAM tier's gather kernel
+    checks bounds in the same pass; then call :func:`id_range` to raise the precise error).
+    """
     t = _as_tensor(x, what, spec.name)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise InvalidInput(f"table {spec.name!r}: {what} must be integers, got {t.dtype}")
+    dt = t.dtype
+    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+        raise InvalidInput(f"table {spec.name!r}: {what} must be integers, got {dt}")
     if t.dim() != 1:
         raise InvalidInput(f"table {spec.name!r}: {what} must be 1-D, got shape {tuple(t.shape)}")
-    if t.dtype != torch.int64:
+    if dt != torch.int64:
         t = t.to(torch.int64)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if check_range:
+        id_range(t, spec, what)
+    return t
+
+
+def id_range(t: torch.Tensor, spec: TableSpec, what: str = "ids") -> None:
+    """Raise InvalidInput unless every id is >= 0 (and < num_rows for dense tables)."""
     if t.numel():
         lo, hi = torch.aminmax(t)
         lo, hi = int(lo), int(hi)
@@ -45,7 +62,6 @@ def ids(x: Any, spec: TableSpec, what: str = "ids") -> torch.Tensor:
         if spec.id_space == "dense" and hi >= spec.num_rows:
             raise InvalidInput(f"table {spec.name!r}: {what} must be < num_rows={spec.num_rows}, "
                                f"got {hi}")
-    return t.contiguous()
 
 
 def offsets(x: Any, n_indices: int, include_last_offset: bool, spec: TableSpec) -> torch.Tensor:
@@ -58,19 +74,22 @@ def offsets(x: Any, n_indices: int, include_last_offset: bool, spec: TableSpec) 
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
         raise InvalidInput(f"table {spec.name!r}: offsets must be a 1-D integer tensor, "
                            f"got {t.dtype} of shape {tuple(t.shape)}")
-    o = t.to(torch.int64).contiguous().numpy()
-    if len(o) == 0:
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    o = (t if t.is_contiguous() else t.contiguous()).numpy()
+    if o.shape[0] == 0:
         raise InvalidInput(f"table {spec.name!r}: offsets must not be empty")
     if not include_last_offset:
         if o[-1] > n_indices:
             raise InvalidInput(f"table {spec.name!r}: offset {int(o[-1])} is past the end of "
                                f"indices ({n_indices})")
         o = np.append(o, n_indices)
-    if o[0] != 0:
+    status = kernels.offsets_status(o, n_indices)
+    if status == 1:
         raise InvalidInput(f"table {spec.name!r}: offsets must start at 0, got {int(o[0])}")
-    if (o[1:] < o[:-1]).any():
+    if status == 2:
         raise InvalidInput(f"table {spec.name!r}: offsets must be non-decreasing")
-    if o[-1] != n_indices:
+    if status == 3:
         raise InvalidInput(f"table {spec.name!r}: last offset {int(o[-1])} must equal the "
                            f"number of indices {n_indices} (include_last_offset=True)")
     return torch.from_numpy(o)

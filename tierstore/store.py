@@ -33,6 +33,7 @@ from tierstore.errors import InvalidInput, InvalidSpec, StoreLocked, TierstoreEr
 from tierstore.tiers.ddr import DDRCache
 from tierstore.tiers.rowfile import RowFile
 
+_MODES = {"sum": 0, "mean": 1}  # torch.embedding_bag's mode codes
 SLOT_METADATA_BYTES = 9  # row id (8) + dirty flag (1) per cached row, see tiers/ddr.py
 POLICY_BYTES_ESTIMATE = 7  # per cached row; the policies stay within this (see cache/)
 
@@ -217,10 +218,11 @@ class Store:
         InvalidInput.
         """
         e = self._entry(table)
-        rows = checks.ids(ids, e.spec)
+        rows = checks.ids(ids, e.spec, check_range=False)
         pos = e.cache.resident_positions(rows)
         if pos is not None:
             return e.cache.weights_t.index_select(0, pos)
+        checks.id_range(rows, e.spec)
         pos_np, bypass = e.cache.resolve(rows.numpy())
         out = e.cache.weights_t.index_select(0, torch.from_numpy(pos_np))
         if bypass is not None:
@@ -238,15 +240,17 @@ class Store:
         """
         e = self._entry(table)
         spec = e.spec
-        rows = checks.ids(indices, spec, "indices")
+        rows = checks.ids(indices, spec, "indices", check_range=False)
+        n = rows.shape[0]
         checks.mode(mode, spec)
-        off = checks.offsets(offsets, len(rows), include_last_offset, spec)
-        psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
+        off = checks.offsets(offsets, n, include_last_offset, spec)
+        psw = checks.per_sample_weights(per_sample_weights, n, mode, spec)
         weights = e.cache.weights_t
         pos = e.cache.resident_positions(rows)
         if pos is not None:  # every row in DRAM: one fused gather-and-pool
-            return F.embedding_bag(pos, weights, off, mode=mode,
-                                   per_sample_weights=psw, include_last_offset=True)
+            return torch.embedding_bag(weights, pos, off, False, _MODES[mode], False, psw,
+                                       True)[0]
+        checks.id_range(rows, spec, "indices")
         pos_np, bypass = e.cache.resolve(rows.numpy())
         pos = torch.from_numpy(pos_np)
         if bypass is None:

@@ -154,3 +154,37 @@ def distinct_positions(pos, mark, out):
     for j in range(u):
         mark[out[j]] = -1
     return u
+
+
+ALL_RESIDENT, SOME_MISSING, OUT_OF_RANGE = 0, 1, 2
+
+
+@numba.njit(**_JIT)
+def gather_positions(ids, index, out):
+    """out[i] = index[ids[i]] in one pass. Returns ALL_RESIDENT (every value non-zero),
+    SOME_MISSING, or OUT_OF_RANGE (an id outside [0, len(index)); out is then incomplete)."""
+    status = ALL_RESIDENT
+    n = index.shape[0]
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        if r < 0 or r >= n:
+            return OUT_OF_RANGE
+        p = index[r]
+        out[i] = p
+        if p == 0:
+            status = SOME_MISSING
+    return status
+
+
+@numba.njit(**_JIT)
+def offsets_status(offsets, n):
+    """0 if offsets are B + 1 non-decreasing boundaries from 0 to n; else 1 (first is not 0),
+    2 (decreasing somewhere) or 3 (last is not n)."""
+    if offsets[0] != 0:
+        return 1
+    for i in range(1, offsets.shape[0]):
+        if offsets[i] < offsets[i - 1]:
+            return 2
+    if offsets[offsets.shape[0] - 1] != n:
+        return 3
+    return 0

@@ -88,6 +88,8 @@ class DDRCache:
                                                             unlink=unlink)
         else:
             self.index = HashIndex(self.capacity)
+        self._dense = self.index.array if isinstance(self.index, DenseIndex) else None
+        self._track_hits = policy.tracks_hits
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
         self._mark = np.full(cap1, -1, dtype=np.int64)
@@ -105,20 +107,21 @@ class DDRCache:
         return self.index.get(ids)
 
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """Fast path of :meth:`resolve` for a dense table: if every id is resident, count the
-        batch as hits and return its positions (int32 tensor); otherwise None (no side effects).
+        """Fast path of :meth:`resolve` for a dense table: if every id is in range and resident,
+        count the batch as hits and return its positions (int32 tensor); otherwise None (no
+        side effects; the caller range-checks and takes the slow path).
         """
-        if not isinstance(self.index, DenseIndex):
+        if self._dense is None:
             return None
-        pos = self.index.tensor.index_select(0, ids)
-        if pos.numel() and not bool(pos.min() > 0):
+        n = ids.shape[0]
+        pos = np.empty(n, dtype=np.int32)
+        if kernels.gather_positions(ids.numpy(), self._dense, pos) != kernels.ALL_RESIDENT:
             return None
-        n = pos.numel()
         self.counters["lookups"] += n
         self.counters["hits"] += n
-        if self.policy.tracks_hits and n:
-            self.policy.access(self._distinct_slots(pos.numpy()), _EMPTY)
-        return pos
+        if self._track_hits and n:
+            self.policy.access(self._distinct_slots(pos), _EMPTY)
+        return torch.from_numpy(pos)
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
         """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
