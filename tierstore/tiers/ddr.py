@@ -93,11 +93,8 @@ class DDRCache:
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
         self._mark = np.full(cap1, -1, dtype=np.int64)
-        bucket = 1 << kernels.BUCKET_SHIFT
-        self._counts = np.zeros((cap1 >> kernels.BUCKET_SHIFT) + 2, dtype=np.int64)
-        self._acc = np.empty((bucket, spec.dim), dtype=np.float32)
-        self._upos = np.empty(bucket, dtype=np.int64)
-        self._order_buf = np.empty(0, dtype=np.int64)
+        self._acc = np.empty((0, spec.dim), dtype=np.float32)
+        self._upos = np.empty(0, dtype=np.int64)
         #: True: fused numba kernels on float32 tables; False: the plain torch path.
         self.fused = True
 
@@ -219,15 +216,18 @@ class DDRCache:
             self._apply_resident_torch(pos, src, scale, g)
             return
         opt = self.spec.optimizer
+        acc, upos = self._scratch(len(pos))
         kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
                            opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._counts, self._order(len(pos)), self._mark, self._acc,
-                           self._upos)
+                           self._mark, acc, upos)
 
-    def _order(self, n: int) -> np.ndarray:
-        if len(self._order_buf) < n:
-            self._order_buf = np.empty(max(n, 2 * len(self._order_buf)), dtype=np.int64)
-        return self._order_buf
+    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel buffers for n contributions, grown geometrically and reused."""
+        if len(self._upos) < n:
+            size = max(n, 2 * len(self._upos))
+            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
+            self._upos = np.empty(size, dtype=np.int64)
+        return self._acc, self._upos
 
     def _apply_resident_torch(self, pos, src, scale, g) -> None:
         """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
