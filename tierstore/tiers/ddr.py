@@ -7,10 +7,11 @@ Slab layout (each a shared-memory segment, so the daemon can share them with cli
            ``weights[index[ids]]`` is a lookup with no translation step, and non-resident ids
            read the zero row.
   state:   [capacity + 1, state_dim] float32, same rows.
-  row_of_pos: int64 [capacity + 1] (-1 = free), dirty: uint8 [capacity + 1], indexed like the
-           slab (entry 0 unused).
+  row_of_pos: [capacity + 1] row ids (-1 = free; int32 for dense tables below 2**31 rows,
+           else int64), dirty: uint8 [capacity + 1], indexed like the slab (entry 0 unused).
 Inside this module a "position" is a slab row (slot + 1); the policy sees slots (position - 1).
-Per cached row the tier spends 9 bytes of metadata plus the policy's own (see dram_bytes()).
+Per cached row the tier spends 5 bytes of metadata (9 for sparse or huge tables) plus the
+policy's own (see dram_bytes()).
 
 Rows the policy declines to admit are served from SCM for this batch ("bypass"). Dirty rows are
 written back to SCM when evicted and on flush().
@@ -71,17 +72,20 @@ class DDRCache:
         self.backing = backing
         self.policy = policy
         cap1 = self.capacity + 1
+        id_type = np.dtype(np.int32 if spec.id_space == "dense" and spec.num_rows < 2**31
+                           else np.int64)
         self._segments = [
             shm.create(f"{shm_prefix}.w", (cap1, spec.dim), self.layout.np_dtype, unlink=unlink),
             shm.create(f"{shm_prefix}.s", (cap1, self.layout.state_dim), np.float32, unlink=unlink),
-            shm.create(f"{shm_prefix}.meta", (cap1, 9), np.uint8, unlink=unlink),
+            shm.create(f"{shm_prefix}.meta", (cap1, id_type.itemsize + 1), np.uint8,
+                       unlink=unlink),
         ]
         self.weights = self._segments[0].array
         self.state = self._segments[1].array
-        meta = self._segments[2].array
-        self.row_of_pos = meta.reshape(-1)[: 8 * cap1].view(np.int64)
+        meta = self._segments[2].array.reshape(-1)
+        self.row_of_pos = meta[: id_type.itemsize * cap1].view(id_type)
         self.row_of_pos[:] = -1
-        self.dirty = meta.reshape(-1)[8 * cap1:]
+        self.dirty = meta[id_type.itemsize * cap1:]
         self.weights_t = torch.from_numpy(self.weights)
         if spec.id_space == "dense":
             self.index: DenseIndex | HashIndex = DenseIndex(spec.num_rows, f"{shm_prefix}.idx",
