@@ -63,7 +63,7 @@ def bench_reads(num_rows: int = 1_000_000, dim: int = 64, batch: int = 4096,
             "pread_rows_per_s": batch / t_pread, "ratio_vs_memmap": t_memmap / t_rowfile}
 
 
-def bench_overhead(num_rows: int = 200_000, dim: int = 64, fraction: float = 0.1,
+def bench_overhead(num_rows: int = 2_000_000, dim: int = 64, fraction: float = 0.1,
                    policies: tuple[str, ...] = ("lru", "lfu", "adaptive")) -> dict[str, Any]:
     out = {}
     spec = ts.TableSpec("o", num_rows, dim)

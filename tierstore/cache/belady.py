@@ -81,6 +81,11 @@ class BeladyPolicy(CachePolicy):
             raise ValueError("more batches than the future trace holds")
         stop = min(start + self.batch, len(self._future))
         self._cursor = stop
+        if stop - start == 1:  # one access: no sorting needed
+            rows = hit_rows if len(hit_rows) else miss_rows
+            if len(hit_rows) + len(miss_rows) != 1 or rows[0] != self._future[start]:
+                raise ValueError("batch rows do not match the future trace")
+            return self._next_use[start:stop]
         ids = self._future[start:stop]
         nxt = self._next_use[start:stop]
         last = nxt >= stop  # the last occurrence of each distinct id in the batch
@@ -107,8 +112,8 @@ class BeladyPolicy(CachePolicy):
         if m == 0:
             return Admission(admit=admit, slots=EMPTY_SLOTS.copy())
         miss_next = nxt[n_hit:]
-        by_next = np.argsort(miss_next, kind="stable")
-        free = self._free.take(m)
+        by_next = np.argsort(miss_next, kind="stable") if m > 1 else np.zeros(1, np.int64)
+        free = self._free.take(m, self.pinned)
         previous = pin_for_batch(self.pinned, hit_slots)
         victims = self._pool.smallest(m - len(free), self.pinned)  # farthest next use first
         unpin_after_batch(self.pinned, hit_slots, previous)
@@ -116,9 +121,9 @@ class BeladyPolicy(CachePolicy):
         n_replace = int(np.count_nonzero(contenders < self._next[victims]))
         chosen = by_next[: len(free) + n_replace]
         slots = np.concatenate([free, victims[:n_replace]])
-        order = np.argsort(chosen)  # report slots in the order of miss_rows[admit]
         admit[chosen] = True
-        slots = slots[order]
+        if len(chosen) > 1:  # report slots in the order of miss_rows[admit]
+            slots = slots[np.argsort(chosen)]
         self._rows[slots] = miss_rows[admit]
         self._next[slots] = miss_next[admit]
         self._pool.offer(slots)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Admission, CachePolicy
-from .lru import admit_first
 from .slots import (
     EMPTY_SLOTS,
     INT64_MAX,
     FreeSlots,
     Stamps,
     VictimPool,
+    admit_first,
     as_index,
     default_pool_size,
     pin_for_batch,
@@ -56,6 +56,8 @@ class LFUPolicy(CachePolicy):
         self._since_decay = 0
 
     def _key_of(self, slots: np.ndarray) -> np.ndarray:
+        if isinstance(slots, np.integer):  # one slot: plain ints are much faster
+            return (int(self._counts[slots]) << 32) | int(self._stamps.values[slots])
         return (self._counts[slots].astype(np.int64) << 32) | self._stamps.values[slots]
 
     def _all_keys(self) -> np.ndarray:
@@ -77,12 +79,12 @@ class LFUPolicy(CachePolicy):
             self._pool.offer(hit_slots)
         slots = EMPTY_SLOTS
         if m:
-            slots = self._free.take(m)
+            slots = self._free.take(m, self.pinned)
             if len(slots) < m:
                 previous = pin_for_batch(self.pinned, hit_slots)
                 victims = self._pool.smallest(m - len(slots), self.pinned)
                 unpin_after_batch(self.pinned, hit_slots, previous)
-                slots = np.concatenate([slots, victims]) if len(slots) else victims.copy()
+                slots = np.concatenate([slots, victims]) if len(slots) else victims
             self._counts[slots] = 1
             self._touch(slots)
             self._pool.offer(slots)

@@ -11,18 +11,12 @@ from .slots import (
     FreeSlots,
     Stamps,
     VictimPool,
+    admit_first,
     as_index,
     default_pool_size,
     pin_for_batch,
     unpin_after_batch,
 )
-
-
-def admit_first(m: int, slots: np.ndarray) -> Admission:
-    """Admission of the first ``len(slots)`` of ``m`` missing rows into ``slots``, in order."""
-    admit = np.zeros(m, dtype=bool)
-    admit[: len(slots)] = True
-    return Admission(admit=admit, slots=np.array(slots, dtype=np.int64))  # a copy: callers may own it
 
 
 class LRUPolicy(CachePolicy):
@@ -64,7 +58,7 @@ class LRUPolicy(CachePolicy):
             self._touch(hit_slots)
         if m == 0:
             return admit_first(0, EMPTY_SLOTS)
-        slots = self._free.take(m)
+        slots = self._free.take(m, self.pinned)
         if len(slots) < m:
             previous = pin_for_batch(self.pinned, hit_slots)
             victims = self._pool.smallest(m - len(slots), self.pinned)

@@ -6,11 +6,14 @@ Batch semantics match the tier: the trace is cut into consecutive batches of ``b
 each batch is reduced to its distinct ids in first-occurrence order, split into resident slots
 (hits) and missing rows, and handed to ``policy.access`` once.
 
-Counting is per trace entry: an entry is a hit when its row was resident at the start of its
-batch, so a row that misses counts every occurrence in that batch as a miss.
+Counting follows the tier (first-occurrence semantics): each distinct row of a batch that is
+not resident is one miss, every other trace entry is a hit. With batch 1 this is exactly per
+access.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -21,7 +24,8 @@ from .slots import EMPTY_SLOTS, as_index
 def replay_policy(
     policy: CachePolicy, trace: np.ndarray, batch: int = 1, *, check: bool = False
 ) -> dict[str, float | int]:
-    """Replay ``trace`` through ``policy``; returns ``{"hits", "misses", "hit_rate"}``.
+    """Replay ``trace`` through ``policy``; returns ``{"hits", "misses", "hit_rate"}`` plus
+    ``"seconds"`` (whole replay) and ``"access_seconds"`` (time spent inside ``access``).
 
     With ``check=True`` every Admission is verified against the rules of base.py
     (AssertionError on a violation). Policies with ``bind_rows`` are bound to the replay's
@@ -29,17 +33,41 @@ def replay_policy(
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    started = time.perf_counter()
     trace = as_index(trace)
     state = _SlotMap(policy.capacity, trace)
     bind = getattr(policy, "bind_rows", None)
     if bind is not None:
         bind(state.slot_rows)
+    timed = _TimedPolicy(policy)
     if batch == 1:
-        hits = _replay_single(policy, trace, state, check)
+        hits = _replay_single(timed, trace, state, check)
     else:
-        hits = _replay_batches(policy, trace, state, batch, check)
+        hits = _replay_batches(timed, trace, state, batch, check)
     n = len(trace)
-    return {"hits": hits, "misses": n - hits, "hit_rate": hits / n if n else 0.0}
+    return {
+        "hits": hits,
+        "misses": n - hits,
+        "hit_rate": hits / n if n else 0.0,
+        "seconds": time.perf_counter() - started,
+        "access_seconds": timed.seconds,
+    }
+
+
+class _TimedPolicy:
+    """Forwards to a policy and adds up the time spent in ``access``."""
+
+    def __init__(self, policy: CachePolicy) -> None:
+        self.policy = policy
+        self.capacity = policy.capacity
+        self.pinned = policy.pinned
+        self.seconds = 0.0
+
+    def access(self, hit_slots: np.ndarray, miss_rows: np.ndarray) -> Admission:
+        started = time.perf_counter()
+        decision = self.policy.access(hit_slots, miss_rows)
+        self.seconds += time.perf_counter() - started
+        return decision
 
 
 class _SlotMap:
@@ -87,12 +115,12 @@ def _replay_batches(
     hits = 0
     for start in range(0, len(trace), batch):
         dense = state.dense[start : start + batch]
-        hits += int(np.count_nonzero(state.slot_of[dense] >= 0))
         _, first = np.unique(dense, return_index=True)
-        dense = dense[np.sort(first)]
-        slots = state.slot_of[dense]
+        distinct = dense[np.sort(first)]
+        slots = state.slot_of[distinct]
         resident = slots >= 0
-        missing = dense[~resident]
+        missing = distinct[~resident]
+        hits += len(dense) - len(missing)
         hit_slots = slots[resident]
         decision = policy.access(hit_slots, state.unique[missing])
         if check:
@@ -113,5 +141,7 @@ def check_admission(
     assert ((slots >= 0) & (slots < policy.capacity)).all(), "slot out of range"
     assert not policy.pinned[slots].any(), "a pinned slot was returned"
     assert not np.isin(slots, hit_slots).any(), "a slot hit in this batch was returned"
-    room = policy.capacity - len(hit_slots) - int(np.count_nonzero(policy.pinned))
+    busy = policy.pinned.copy()
+    busy[hit_slots] = True
+    room = policy.capacity - int(np.count_nonzero(busy))
     assert len(slots) <= max(room, 0), "admitted more rows than fit"

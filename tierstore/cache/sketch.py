@@ -3,8 +3,8 @@
 Both are indexed by hashes of row ids, so their size depends on the cache capacity, not on the
 table size. Hashing is multiply-shift (Dietzfelbinger): for an odd 64-bit multiplier ``a`` the
 high 32 bits of ``a * row mod 2**64`` are a universal hash of ``row``; each structure uses its
-own multipliers. :func:`row_hashes` computes all of them for a batch at once so a policy hashes
-each row once per batch and hands the result to both structures.
+own multipliers. Batches go through numpy (:func:`row_hashes`); a single row takes a scalar path
+with the same hashes, because numpy's per-call overhead dominates at batch size 1.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ _MULTIPLIERS = np.array(
     ],
     dtype=np.uint64,
 )[:, None]
+_MULTIPLIER_INTS = [int(a) for a in _MULTIPLIERS.ravel()]
+_MASK64 = (1 << 64) - 1
 SKETCH_HASHES = 4  # rows of the count-min sketch: hashes 0..3
-GHOST_HASHES = 3  # bit positions per key in the ghost filters: hashes 4..6
+# hash 4: position in a ghost list, hash 5: fingerprint (hash 6 is spare)
 _SHIFT32 = np.uint64(32)
 
 
@@ -33,6 +35,14 @@ def row_hashes(rows: np.ndarray) -> np.ndarray:
     """uint64[7, n]: seven independent 32-bit hashes of each (non-negative) row id."""
     keys = np.asarray(rows, dtype=np.int64).view(np.uint64)
     return (keys[None, :] * _MULTIPLIERS) >> _SHIFT32
+
+
+def _positions_one(row: int, first: int, count: int, width: int) -> list[int]:
+    """Scalar twin of ``_reduce(row_hashes([row])[first:first+count], width)`` for one row."""
+    return [
+        ((((row * a) & _MASK64) >> 32) * width) >> 32
+        for a in _MULTIPLIER_INTS[first : first + count]
+    ]
 
 
 def _reduce(hashes: np.ndarray, width: int) -> np.ndarray:
@@ -56,7 +66,9 @@ class CountMinSketch:
         self.width = max(2, int(width) + int(width) % 2)
         self.sample = max(1, int(sample))
         self._offsets = (np.arange(SKETCH_HASHES, dtype=np.int64) * self.width)[:, None]
-        self._table = np.zeros(SKETCH_HASHES * self.width // 2, dtype=np.uint8)
+        # One buffer, two views: numpy for batches, the bytearray for single rows (faster).
+        self._bytes = bytearray(SKETCH_HASHES * self.width // 2)
+        self._table = np.frombuffer(self._bytes, dtype=np.uint8)
         self.additions = 0
 
     def clear(self) -> None:
@@ -67,27 +79,42 @@ class CountMinSketch:
         counter = _reduce(hashes[:SKETCH_HASHES], self.width) + self._offsets
         return counter >> 1, (counter & 1) << 2  # byte index, bit shift of the nibble
 
-    def estimate(self, hashes: np.ndarray) -> np.ndarray:
-        """int array[n]: estimated recent frequency of each row (hashes from row_hashes)."""
-        byte, shift = self._nibbles(hashes)
+    def _counters_one(self, row: int) -> list[int]:
+        counters = _positions_one(row, 0, SKETCH_HASHES, self.width)
+        return [c + i * self.width for i, c in enumerate(counters)]
+
+    def estimate(self, rows: np.ndarray) -> np.ndarray:
+        """int array[n]: estimated recent frequency of each row."""
+        byte, shift = self._nibbles(row_hashes(rows))
         return ((self._table[byte] >> shift) & self.MAX_COUNT).min(axis=0)
 
-    def increment(self, hashes: np.ndarray) -> None:
+    def estimate_one(self, row: int) -> int:
+        """:meth:`estimate` of a single row, as a Python int."""
+        table = self._bytes
+        return min((table[c >> 1] >> ((c & 1) << 2)) & 15 for c in self._counters_one(int(row)))
+
+    def increment(self, rows: np.ndarray) -> None:
         """Count one access of each row (distinct rows); halves everything every ``sample``."""
-        n = hashes.shape[1]
-        if n == 0:
-            return
-        byte, shift = self._nibbles(hashes)
-        if n > 1:  # two rows sharing a counter must not both raise it past 15
-            counter = np.unique((byte << 3) | shift)
+        n = len(rows)
+        if n == 1:
+            self._increment_one(int(rows[0]))
+        elif n > 1:
+            byte, shift = self._nibbles(row_hashes(rows))
+            counter = np.unique((byte << 3) | shift)  # a shared counter is raised once
             byte, shift = counter >> 3, counter & 7
-        else:
-            byte, shift = byte.ravel(), shift.ravel()
-        below = ((self._table[byte] >> shift) & self.MAX_COUNT) < self.MAX_COUNT
-        np.add.at(self._table, byte[below], (1 << shift[below]).astype(np.uint8))
+            below = ((self._table[byte] >> shift) & self.MAX_COUNT) < self.MAX_COUNT
+            np.add.at(self._table, byte[below], (1 << shift[below]).astype(np.uint8))
         self.additions += n
         if self.additions >= self.sample:
             self._halve()
+
+    def _increment_one(self, row: int) -> None:
+        table = self._bytes
+        for c in self._counters_one(row):
+            byte, shift = c >> 1, (c & 1) << 2
+            value = table[byte]
+            if (value >> shift) & 15 != 15:
+                table[byte] = value + (1 << shift)
 
     def _halve(self) -> None:
         np.right_shift(self._table, 1, out=self._table)
@@ -100,60 +127,73 @@ class CountMinSketch:
 
 
 class GhostLists:
-    """Approximate memory of recently evicted rows, in two lists (as in ARC's B1/B2).
+    """Approximate memory of recently evicted rows, in two lists (as ARC's B1/B2 ghosts).
 
-    List 0 ("window ghost") and list 1 ("main ghost") each remember about the last
-    ``entries`` rows added to them: a list is two Bloom filters, *current* and *previous*; rows
-    go into *current*, and when it has taken ``entries // 2`` rows it becomes *previous* (the
-    old *previous* is dropped). A lookup asks both. The four filters share one byte array, one
-    bit lane each, so a lookup is a single gather. False positives are ~3% at the default
-    8 bits per entry; nothing is ever deleted.
+    Each list is a direct-mapped table of ``entries`` fingerprints (``fingerprint_bits`` 8 or
+    16): ``add`` writes a row's fingerprint at the row's hashed position, overwriting whatever
+    was there, and ``lookup`` compares. A remembered row is forgotten once another row lands on
+    its position, so a list remembers about its last ``entries`` additions (an entry survives
+    ``k`` later additions with probability ``exp(-k / entries)``). A lookup of a row that was
+    never added matches with probability ``2 ** -fingerprint_bits`` (0 marks an empty entry).
     """
 
-    def __init__(self, entries: int, bits_per_entry: int = 8) -> None:
+    def __init__(self, entries: int, fingerprint_bits: int = 16) -> None:
+        if fingerprint_bits not in (8, 16):
+            raise ValueError(f"fingerprint_bits must be 8 or 16, got {fingerprint_bits}")
         self.entries = max(2, int(entries))
-        self._per_filter = self.entries // 2
-        self.size = max(64, self._per_filter * bits_per_entry)
-        self._bits = np.zeros(self.size, dtype=np.uint8)
-        self._inserted = [[0, 0], [0, 0]]  # per list: [current, previous]
+        self._modulus = (1 << fingerprint_bits) - 1
+        dtype, code = (np.uint8, "B") if fingerprint_bits == 8 else (np.uint16, "H")
+        # A buffer per list: numpy views for batches, typed memoryviews for single rows.
+        buffers = [bytearray(self.entries * np.dtype(dtype).itemsize) for _ in range(2)]
+        self._tables = [np.frombuffer(b, dtype=dtype) for b in buffers]
+        self._cells = [memoryview(b).cast(code) for b in buffers]
+        self._occupied = [0, 0]
 
     def clear(self) -> None:
-        self._bits.fill(0)
-        self._inserted = [[0, 0], [0, 0]]
+        for table in self._tables:
+            table.fill(0)
+        self._occupied = [0, 0]
 
-    def _positions(self, hashes: np.ndarray) -> np.ndarray:
-        return _reduce(hashes[SKETCH_HASHES : SKETCH_HASHES + GHOST_HASHES], self.size)
+    def _where(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, fingerprint in 1..2**bits-1) of each row."""
+        hashes = row_hashes(rows)
+        position = _reduce(hashes[SKETCH_HASHES], self.entries)
+        fingerprint = hashes[SKETCH_HASHES + 1] % np.uint64(self._modulus) + np.uint64(1)
+        return position, fingerprint.astype(self._tables[0].dtype)
 
-    def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(in list 0, in list 1): bool arrays over the rows of ``hashes``."""
-        lanes = np.bitwise_and.reduce(self._bits[self._positions(hashes)], axis=0)
-        return (lanes & 0b0011) != 0, (lanes & 0b1100) != 0
+    def _where_one(self, row: int) -> tuple[int, int]:
+        """:meth:`_where` of a single row, in plain ints."""
+        position = _positions_one(row, SKETCH_HASHES, 1, self.entries)[0]
+        mixed = ((row * _MULTIPLIER_INTS[SKETCH_HASHES + 1]) & _MASK64) >> 32
+        return position, mixed % self._modulus + 1
 
-    def add(self, which: int, hashes: np.ndarray) -> None:
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(in list 0, in list 1): bool arrays over ``rows``."""
+        position, fingerprint = self._where(rows)
+        return self._tables[0][position] == fingerprint, self._tables[1][position] == fingerprint
+
+    def lookup_one(self, row: int) -> tuple[bool, bool]:
+        """:meth:`lookup` of a single row."""
+        position, fingerprint = self._where_one(int(row))
+        return self._cells[0][position] == fingerprint, self._cells[1][position] == fingerprint
+
+    def add(self, which: int, rows: np.ndarray) -> None:
         """Remember these rows in list ``which`` (0 or 1)."""
-        n = hashes.shape[1]
-        if n == 0:
-            return
-        current_bit = np.uint8(1 << (2 * which))
-        self._bits[self._positions(hashes)] |= current_bit  # same bit everywhere: repeats are fine
-        counts = self._inserted[which]
-        counts[0] += n
-        if counts[0] >= self._per_filter:
-            self._rotate(which)
+        if len(rows) == 1:
+            position, fingerprint = self._where_one(int(rows[0]))
+            cells = self._cells[which]
+            self._occupied[which] += cells[position] == 0
+            cells[position] = fingerprint
+        elif len(rows):
+            position, fingerprint = self._where(rows)
+            table = self._tables[which]
+            self._occupied[which] += int(np.count_nonzero(table[np.unique(position)] == 0))
+            table[position] = fingerprint
 
     def remembered(self, which: int) -> int:
-        """About how many rows list ``which`` holds (for ARC's adaptation ratio)."""
-        return min(self.entries, sum(self._inserted[which]))
-
-    def _rotate(self, which: int) -> None:
-        base = 2 * which
-        lane_mask = np.uint8(0b11 << base)
-        current = (self._bits >> np.uint8(base)) & np.uint8(1)
-        self._bits &= ~lane_mask
-        self._bits |= current << np.uint8(base + 1)
-        counts = self._inserted[which]
-        counts[1], counts[0] = counts[0], 0
+        """How many rows list ``which`` holds (for ARC's adaptation ratio)."""
+        return self._occupied[which]
 
     @property
     def nbytes(self) -> int:
-        return self._bits.nbytes
+        return sum(table.nbytes for table in self._tables)

@@ -1,14 +1,14 @@
 """Slot bookkeeping shared by the cache policies.
 
 - :class:`Stamps`: an int32 recency stamp per slot (``-1`` = free), renumbered before overflow.
-- :class:`FreeSlots`: which slots hold no row (a fill pointer plus a stack of released slots), so
+- :class:`FreeSlots`: which slots hold no row (a fill pointer plus a list of released slots), so
   no policy ever scans its slot arrays to find room.
 - :class:`VictimPool`: an amortized source of the slots with the smallest eviction key. A policy
   that evicted with an ``argmin`` over all slots would do O(capacity) work per miss; the pool
   instead keeps a sorted snapshot of the few smallest keys and only rescans all slots when the
   snapshot runs dry, so a miss costs O(1) amortized while the choice stays exact.
 
-All of it works on whole numpy arrays; nothing loops over ids in Python.
+All of it works on whole numpy arrays; nothing loops over the ids of a batch in Python.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+
+from .base import Admission
 
 INT64_MAX = np.iinfo(np.int64).max
 EMPTY_SLOTS = np.empty(0, dtype=np.int64)
@@ -25,6 +27,13 @@ EMPTY_SLOTS.flags.writeable = False
 def as_index(values: np.ndarray) -> np.ndarray:
     """``values`` as an int64 array (no copy when it already is one)."""
     return np.asarray(values, dtype=np.int64)
+
+
+def admit_first(m: int, slots: np.ndarray) -> Admission:
+    """Admission of the first ``len(slots)`` of ``m`` missing rows into ``slots``, in order."""
+    admit = np.zeros(m, dtype=bool)
+    admit[: len(slots)] = True
+    return Admission(admit=admit, slots=np.array(slots, dtype=np.int64))  # a copy for the caller
 
 
 def default_pool_size(capacity: int) -> int:
@@ -102,16 +111,29 @@ class FreeSlots:
     def __len__(self) -> int:
         return self.capacity - self._next + len(self._released)
 
-    def take(self, m: int) -> np.ndarray:
-        """Up to ``m`` free slots (released ones first); they count as occupied afterwards."""
+    def take(self, m: int, pinned: np.ndarray) -> np.ndarray:
+        """Up to ``m`` free slots that are not ``pinned`` (released ones first); they count as
+        occupied afterwards."""
         if m <= 0 or (self._next == self.capacity and not len(self._released)):
             return EMPTY_SLOTS
-        reused = self._released[:m]
-        self._released = self._released[len(reused):]
-        fresh_count = min(m - len(reused), self.capacity - self._next)
-        fresh = np.arange(self._next, self._next + fresh_count, dtype=np.int64)
-        self._next += fresh_count
-        return np.concatenate([reused, fresh]) if len(reused) else fresh
+        parts = []
+        if len(self._released):
+            usable = np.flatnonzero(~pinned[self._released])[:m]
+            parts.append(self._released[usable])
+            self._released = np.delete(self._released, usable)
+            m -= len(usable)
+        while m > 0 and self._next < self.capacity:
+            block = np.arange(self._next, min(self.capacity, self._next + m), dtype=np.int64)
+            self._next += len(block)
+            usable = ~pinned[block]
+            if not usable.all():  # pinned while free: keep them for later
+                self._released = np.concatenate([self._released, block[~usable]])
+                block = block[usable]
+            parts.append(block)
+            m -= len(block)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else EMPTY_SLOTS
 
     def give(self, slots: np.ndarray) -> None:
         """These (distinct, previously occupied) slots are free again."""
@@ -174,15 +196,20 @@ class VictimPool:
         """Up to ``m`` member slots with the smallest keys, ascending, skipping ``blocked`` ones.
 
         Fewer than ``m`` only when fewer eligible members exist. Does not remove anything: a
-        slot leaves the pool when its key changes. The returned array must not be modified.
+        slot leaves the pool when its key changes.
         """
         if m <= 0:
             return EMPTY_SLOTS
-        head = self._head
-        if m == 1 and head < self._tail:
-            first = self._slots[head]
-            if self._key_of(first) == self._keys[head] and not blocked[first]:
-                return self._slots[head : head + 1]
+        if m == 1:  # fast path: drop stale entries at the head one by one
+            while self._head < self._tail:
+                head = self._head
+                first = self._slots[head]
+                if self._key_of(first) != self._keys[head]:
+                    self._head = head + 1
+                elif not blocked[first]:
+                    return self._slots[head : head + 1].copy()
+                else:
+                    break
         rebuilt = False
         if not self._fresh:
             self._rebuild(m, blocked)

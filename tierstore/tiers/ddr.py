@@ -92,6 +92,9 @@ class DDRCache:
                                                             unlink=unlink)
         else:
             self.index = HashIndex(self.capacity)
+        bind = getattr(policy, "bind_rows", None)
+        if bind is not None:  # the policy reads slot -> row from our array (no copy)
+            bind(self.row_of_pos[1:])
         self._dense = self.index.array if isinstance(self.index, DenseIndex) else None
         self._track_hits = policy.tracks_hits
         self.resident = 0
