@@ -31,3 +31,15 @@ def dump(store, name):
     w[res] = e.cache.weights[pos[res]]
     s[res] = e.cache.state[pos[res]]
     return w, s
+
+
+@pytest.fixture
+def deterministic_single_thread():
+    """One thread and deterministic algorithms for the test, restored afterwards."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)

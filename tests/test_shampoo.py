@@ -15,15 +15,7 @@ from tierstore.optim.shampoo_blocks import assign_owners, layout_param, merge_di
 from tierstore.optim.shampoo_math import accumulate_factors, inverse_root, precondition
 
 
-@pytest.fixture(autouse=True)
-def deterministic_single_thread():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("deterministic_single_thread")
 
 
 def _problem(dtype=torch.float64, seed=0):

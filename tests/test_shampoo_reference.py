@@ -48,15 +48,7 @@ def reference() -> tuple[dict, dict]:
     return problems, scenarios
 
 
-@pytest.fixture(autouse=True)
-def deterministic_single_thread():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("deterministic_single_thread")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import tierstore as ts
-from tierstore.bench.workload import zipf_ids
+from tierstore.cache.traces import draw_zipf, zipf_cdf
 
 TABLES = [  # name, rows, dim
     ("user", 2_000_000, 64),
@@ -28,14 +28,25 @@ BATCH, POOLING = 1024, 8
 
 
 def traffic(rng: np.random.Generator, rows: int, step: int, n: int) -> np.ndarray:
-    """70% Zipf-popular ids, 30% from a window of rows that moves every 20 steps."""
+    """70% Zipf-popular ids (a fixed popularity order per table), 30% from a window of rows
+    that moves every 20 steps."""
     k = int(0.7 * n)
-    hot = zipf_ids(rng, rows, 1.05, k) if rows > 1000 else rng.integers(0, rows, k)
+    hot = draw_zipf(rng, *_popularity(rows), k)
     start = (step // 20) * 997 % rows
     recent = (start + rng.integers(0, min(rows, 20_000), n - k)) % rows
     ids = np.concatenate([hot, recent])
     rng.shuffle(ids)
     return ids
+
+
+_POPULARITY: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _popularity(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Zipf 1.05 rank CDF, rows from most to least popular) of a table, fixed for the run."""
+    if rows not in _POPULARITY:
+        _POPULARITY[rows] = (zipf_cdf(1.05, rows), np.random.default_rng(rows).permutation(rows))
+    return _POPULARITY[rows]
 
 
 def train_steps(store: ts.Store, steps: int, seed: int, progress: bool, label: str) -> float:

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-
-def zipf_ids(rng: np.random.Generator, num_rows: int, alpha: float, size: int) -> np.ndarray:
-    """i.i.d. ids where the row of rank r (a random permutation of rows) has p ~ r**-alpha."""
-    ranks = np.arange(1, num_rows + 1, dtype=np.float64)
-    cdf = np.cumsum(ranks ** -alpha)
-    cdf /= cdf[-1]
-    perm = rng.permutation(num_rows)
-    return perm[np.searchsorted(cdf, rng.random(size))]
+from tierstore.cache.traces import draw_zipf, zipf_cdf
 
 
 @dataclass
@@ -32,16 +26,22 @@ def make_batches(num_tables: int, num_rows: int, batch_size: int, pooling: int, 
     rng = np.random.default_rng(seed)
     n = batch_size * pooling
     off1 = torch.arange(0, n + 1, pooling, dtype=torch.int64)
+    draw = id_sampler(dist, num_rows, num_tables, rng)
     out = []
     for _ in range(n_batches):
-        idx = []
-        for _t in range(num_tables):
-            if dist == "uniform":
-                ids = rng.integers(0, num_rows, n)
-            elif dist.startswith("zipf:"):
-                ids = zipf_ids(rng, num_rows, float(dist[5:]), n)
-            else:
-                raise ValueError(f"unknown distribution {dist!r}; valid: uniform, zipf:ALPHA")
-            idx.append(torch.from_numpy(ids.astype(np.int64)))
+        idx = [torch.from_numpy(draw(t, n)) for t in range(num_tables)]
         out.append(Batch(idx, [off1] * num_tables, [off1[:-1]] * num_tables))
     return out
+
+
+def id_sampler(dist: str, num_rows: int, num_tables: int,
+               rng: np.random.Generator) -> Callable[[int, int], np.ndarray]:
+    """draw(table, size) -> int64 ids. "zipf:A": each table has its own fixed popularity order
+    (a random permutation of its rows), the same for every batch."""
+    if dist == "uniform":
+        return lambda t, size: rng.integers(0, num_rows, size)
+    if dist.startswith("zipf:"):
+        cdf = zipf_cdf(float(dist[5:]), num_rows)
+        perms = [rng.permutation(num_rows) for _ in range(num_tables)]
+        return lambda t, size: draw_zipf(rng, cdf, perms[t], size)
+    raise ValueError(f"unknown distribution {dist!r}; valid: uniform, zipf:ALPHA")

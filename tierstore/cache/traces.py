@@ -42,10 +42,20 @@ def zipf(alpha: float, n: int, length: int, seed: int) -> np.ndarray:
         raise ValueError(f"zipf needs alpha > 0, n > 0, len >= 0; got {alpha}, {n}, {length}")
     rng = np.random.default_rng(seed)
     ids_by_rank = rng.permutation(n).astype(np.int64)
+    return draw_zipf(rng, zipf_cdf(alpha, n), ids_by_rank, length)
+
+
+def zipf_cdf(alpha: float, n: int) -> np.ndarray:
+    """Cumulative probabilities of ranks 1..n under p(k) ~ k ** -alpha (float64[n])."""
     cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -alpha)
-    cdf /= cdf[-1]
-    ranks = np.searchsorted(cdf, rng.random(length), side="right")
-    return ids_by_rank[np.minimum(ranks, n - 1)]
+    return cdf / cdf[-1]
+
+
+def draw_zipf(rng: np.random.Generator, cdf: np.ndarray, ids_by_rank: np.ndarray,
+              size: int) -> np.ndarray:
+    """``size`` i.i.d. ids: a rank drawn from ``cdf``, mapped through ``ids_by_rank``."""
+    ranks = np.searchsorted(cdf, rng.random(size), side="right")
+    return ids_by_rank[np.minimum(ranks, len(cdf) - 1)]
 
 
 def parse_zipf_spec(spec: str) -> dict[str, float | int]:
