@@ -100,10 +100,13 @@ class CountMinSketch:
             self._increment_one(int(rows[0]))
         elif n > 1:
             byte, shift = self._nibbles(row_hashes(rows))
-            counter = np.unique((byte << 3) | shift)  # a shared counter is raised once
-            byte, shift = counter >> 3, counter & 7
-            below = ((self._table[byte] >> shift) & self.MAX_COUNT) < self.MAX_COUNT
-            np.add.at(self._table, byte[below], (1 << shift[below]).astype(np.uint8))
+            byte, shift = byte.ravel(), shift.ravel()
+            for nibble in (0, 4):  # one nibble at a time: equal bytes then mean equal counters
+                b = byte[shift == nibble]
+                old = self._table[b]
+                up = ((old >> nibble) & self.MAX_COUNT) < self.MAX_COUNT
+                # duplicates all write old + 1: a counter shared in the batch is raised once
+                self._table[b[up]] = old[up] + np.uint8(1 << nibble)
         self.additions += n
         if self.additions >= self.sample:
             self._halve()

@@ -28,13 +28,12 @@ from tierstore.cache.base import CachePolicy
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
-
-_KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
-                Adagrad: kernels.ADAGRAD}
 from tierstore.tiers import shm
 from tierstore.tiers.index import DenseIndex, HashIndex
 
 _EMPTY = np.empty(0, dtype=np.int64)
+_KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
+                Adagrad: kernels.ADAGRAD}
 
 
 def distinct_in_order(values: np.ndarray) -> np.ndarray:
@@ -43,6 +42,16 @@ def distinct_in_order(values: np.ndarray) -> np.ndarray:
         return values
     u, first = np.unique(values, return_index=True)
     return u[np.argsort(first, kind="stable")]
+
+
+def _sum_contributions(keys: np.ndarray, src: np.ndarray, scale: np.ndarray,
+                      g: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """(distinct keys, float32 [k, dim] sums of ``scale[i] * g[src[i]]`` per key)."""
+    contrib = torch.from_numpy(g).index_select(0, torch.from_numpy(src))
+    if len(scale):
+        contrib = contrib * torch.from_numpy(scale).unsqueeze(1)
+    u, inv = torch.unique(torch.from_numpy(keys), return_inverse=True)
+    return u.numpy(), torch.zeros(len(u), g.shape[1]).index_add_(0, inv, contrib)
 
 
 @dataclass
@@ -188,15 +197,6 @@ class DDRCache:
         self.row_of_pos[pos] = -1
         self.counters["evictions"] += len(rows)
 
-    def drop_all(self) -> None:
-        """Write back every dirty row and empty the cache (used before a resize)."""
-        self.flush_dirty()
-        occupied = np.flatnonzero(self.row_of_pos >= 0)
-        self.index.remove(self.row_of_pos[occupied])
-        self.row_of_pos[:] = -1
-        self.policy.reset()
-        self.resident = 0
-
     # -- writes ----------------------------------------------------------------------------
     def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
               grad: torch.Tensor) -> None:
@@ -238,32 +238,21 @@ class DDRCache:
 
     def _apply_resident_torch(self, pos, src, scale, g) -> None:
         """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
-        kept as the measured alternative to the fused kernel (benchmarks/bench_kernels.py)."""
-        pos_t = torch.from_numpy(pos)
-        contrib = torch.from_numpy(g).index_select(0, torch.from_numpy(src))
-        if len(scale):
-            contrib = contrib * torch.from_numpy(scale).unsqueeze(1)
-        u, inv = torch.unique(pos_t, return_inverse=True)
-        summed = torch.zeros(len(u), g.shape[1]).index_add_(0, inv, contrib)
-        self._update_torch(u.numpy(), summed.numpy())
-
-    def _update_torch(self, pos: np.ndarray, g: np.ndarray) -> None:
-        w = torch.from_numpy(self.weights[pos].astype(np.float32))
-        s = torch.from_numpy(self.state[pos].copy())
-        self.spec.optimizer.update(w, s, torch.from_numpy(g))
-        self.weights[pos] = w.numpy().astype(self.weights.dtype)
-        self.state[pos] = s.numpy()
-        self.dirty[pos] = 1
+        the path of float16 tables, and the measured alternative to the fused kernel
+        (benchmarks/bench_kernels.py)."""
+        upos, summed = _sum_contributions(pos, src, scale, g)
+        w = torch.from_numpy(self.weights[upos].astype(np.float32))
+        s = torch.from_numpy(self.state[upos])
+        self.spec.optimizer.update(w, s, summed)
+        self.weights[upos] = w.numpy().astype(self.weights.dtype)
+        self.state[upos] = s.numpy()
+        self.dirty[upos] = 1
 
     def _apply_on_scm(self, ids, src, scale, g) -> None:
-        rows, inv = np.unique(ids, return_inverse=True)
-        contrib = g[src] * (scale[:, None] if len(scale) else 1.0)
-        summed = np.zeros((len(rows), g.shape[1]), dtype=np.float32)
-        np.add.at(summed, inv, contrib)
+        rows, summed = _sum_contributions(ids, src, scale, g)
         w, s = self.backing.read(rows)
-        wt = torch.from_numpy(w.astype(np.float32))
-        st = torch.from_numpy(s.copy())
-        self.spec.optimizer.update(wt, st, torch.from_numpy(summed))
+        wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
+        self.spec.optimizer.update(wt, st, summed)
         self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
 
     # -- durability ------------------------------------------------------------------------
