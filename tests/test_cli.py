@@ -69,3 +69,14 @@ def test_help_explains_commands():
     for word in ("demo", "bench", "stats"):
         assert word in out
     assert "--capacity" in run("bench", "cache", "--help").stdout
+
+
+def test_demo_runs_end_to_end_and_reopens_identical():
+    res = json.loads(run("demo", "--steps", "3", "--json").stdout)
+    assert set(res["policies"]) == {"lru", "lfu", "adaptive"}
+    for r in res["policies"].values():
+        assert r["reopened_equal"] is True
+        assert all(0.0 <= h <= 1.0 for h in r["hit_rate"].values())
+        assert r["rows_in_dram"]["country"] == 250  # the small table fits in DRAM
+        assert r["rows_on_scm"]["user"] > 0  # the big one spilled to SCM
+

@@ -92,10 +92,14 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    import contextlib
     from tierstore.demo import run
-    res = run(steps=a.steps, progress=not a.json)
-    if a.json:
-        print(json.dumps(res, indent=2))
+    if not a.json:
+        run(steps=a.steps)
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
+        res = run(steps=a.steps, progress=False)
+    print(json.dumps(res, indent=2))
     return 0
 
 

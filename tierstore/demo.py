@@ -78,8 +78,8 @@ def run(steps: int = 300, progress: bool = True, dram_fraction: float = 0.05) ->
                 for s in specs:
                     store.create_table(s)
                 rate = train_steps(store, steps, 0, progress, policy)
-                st = store.stats()
                 store.flush()
+                st = store.stats()
                 sample = torch.from_numpy(np.random.default_rng(1).integers(0, 2_000_000, 4096))
                 before = store.lookup("user", sample).clone()
             with ts.Store(path, ddr_bytes=ddr, policy=policy) as again:

@@ -7,8 +7,8 @@ A store is a directory::
     <path>/tables/<name>.rows (+ .journal)   row file of each dense table (the SCM tier)
 
 DRAM holds a cache per open table (:class:`tierstore.tiers.ddr.DDRCache`); the store's
-``ddr_bytes`` budget is split among open tables in proportion to their full size. A table whose
-whole size fits its share is held completely, with no eviction bookkeeping.
+``ddr_bytes`` budget is split among open tables max-min fairly (small tables are held whole, the
+rest share what is left equally). A table held whole has no eviction bookkeeping.
 
 Operations take the table by name or by the :class:`Table` handle that create/open return.
 Inputs follow FBGEMM/``nn.EmbeddingBag`` conventions (flat indices + offsets).
@@ -167,11 +167,17 @@ class Store:
         return spec.layout.payload_bytes + SLOT_METADATA_BYTES + POLICY_BYTES_ESTIMATE
 
     def _shares(self, specs: dict[str, TableSpec]) -> dict[str, int]:
-        """Cache rows per table: ddr_bytes split by full table size, capped at num_rows."""
-        full = {n: s.num_rows * self.cached_row_bytes(s) for n, s in specs.items()}
-        total = sum(full.values())
-        return {n: min(s.num_rows, self.ddr_bytes * full[n] // total // self.cached_row_bytes(s))
-                for n, s in specs.items()}
+        """Cache rows per table: a max-min fair split of ddr_bytes (smallest tables first, each
+        gets all of itself or an equal part of what is left). Every table sees about the same
+        lookups per batch, so a byte of DRAM buys more hits on a small table."""
+        rows: dict[str, int] = {}
+        left = self.ddr_bytes
+        order = sorted(specs, key=lambda n: specs[n].num_rows * self.cached_row_bytes(specs[n]))
+        for i, name in enumerate(order):
+            per_row = self.cached_row_bytes(specs[name])
+            rows[name] = min(specs[name].num_rows, left // (len(order) - i) // per_row)
+            left -= rows[name] * per_row
+        return rows
 
     def _check_fits(self, specs: dict[str, TableSpec]) -> None:
         for name, rows in self._shares(specs).items():

@@ -11,6 +11,7 @@ kernels are tested against.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -18,19 +19,19 @@ import torch
 
 
 @dataclass(frozen=True)
-class SparseOptimizer:
+class SparseOptimizer(ABC):
     """Base class. Subclasses define ``kind``, ``state_dim`` and ``update``."""
 
     kind: ClassVar[str] = "base"
 
+    @abstractmethod
     def state_dim(self, dim: int) -> int:
         """float32 values of optimizer state stored per row of width ``dim``."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def update(self, w: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> None:
         """Update rows in place. w: [u, dim] f32, s: [u, state_dim] f32, g: [u, dim] f32 (summed
         per distinct row)."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
