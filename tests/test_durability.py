@@ -1,7 +1,5 @@
 """Crash behaviour with a real child process killed by SIGKILL, and the one-owner lock."""
 
-import json
-import os
 import signal
 import subprocess
 import sys

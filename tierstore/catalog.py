@@ -10,7 +10,6 @@ old or the new catalog, never a torn one.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import uuid
 
@@ -140,4 +139,4 @@ class LmdbRows:
         return (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the LMDB environment belongs to the catalog."""

@@ -16,7 +16,6 @@ import itertools
 import tempfile
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 import tierstore as ts

@@ -136,4 +136,4 @@ class HashIndex:
         return self.keys.nbytes + self.vals.nbytes
 
     def close(self) -> None:
-        pass
+        """Nothing to release: plain process memory."""
