@@ -14,6 +14,12 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test draws the same torch random numbers on every run."""
+    torch.manual_seed(0)
+
+
 def full_table(store, name):
     """Every row of a dense table, read through the store (weights only)."""
     spec = store.open_table(name).spec

@@ -108,10 +108,13 @@ def test_apply_gradients_sums_duplicates_then_updates(store_dir, rng, opt, dtype
 def test_pooled_backward_equals_autograd(store_dir, rng, opt, mode):
     store = make(store_dir, 41, opt)
     w0 = full_table(store, "t")
-    lengths = rng.integers(0, 8, 64)
+    # Bag lengths that are powers of two and integer gradients make every sum exact in any
+    # order, so the comparison does not depend on summation order (Adagrad's first step divides
+    # by |g| and would magnify a rounding difference of a near-cancelled sum).
+    lengths = rng.choice([0, 1, 2, 4, 8], 64)
     idx = torch.from_numpy(rng.integers(0, 90, lengths.sum()))
     off = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-    grad_out = torch.randn(64, DIM)
+    grad_out = torch.from_numpy(rng.integers(-8, 9, (64, DIM)).astype(np.float32))
     leaf = w0.clone().requires_grad_()
     F.embedding_bag(idx, leaf, off, mode=mode).backward(grad_out)
     u = torch.unique(idx)

@@ -15,6 +15,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _JIT = dict(nogil=True, cache=True)
+#: reassociation lets LLVM vectorize the row reductions; no approximate sqrt/division ("afn",
+#: "arcp"): they cost up to 1e-4 relative error on Adagrad steps with gradients near eps.
+_FASTMATH = {"reassoc", "contract", "nsz"}
 #: rows ahead to prefetch in the update loops; random row updates are memory-latency bound and
 #: prefetching 16 rows ahead measured 1.4-2.3x faster (benchmarks/bench_kernels.py)
 PREFETCH_DISTANCE = 16
@@ -77,7 +80,7 @@ def _update_row(kind, p, j, acc, w, state, lr, eps, weight_decay):
             w[p, d] -= lr * g / (np.sqrt(st) + eps)
 
 
-@numba.njit(fastmath=True, **_JIT)
+@numba.njit(fastmath=_FASTMATH, **_JIT)
 def apply_rows(kind, pos, src, scale, grad, w, state, dirty, lr, eps, weight_decay, mark, acc,
                upos):
     """Sum contributions per slab row, then apply the optimizer to each distinct row.
