@@ -29,7 +29,7 @@ from tierstore import checks
 from tierstore.cache.admit_all import AdmitAll
 from tierstore.catalog import Catalog, LmdbRows
 from tierstore.config import TableSpec
-from tierstore.errors import InvalidInput, InvalidSpec, StoreLocked, TierstoreError, UnknownTable
+from tierstore.errors import InvalidSpec, StoreLocked, TierstoreError, UnknownTable
 from tierstore.tiers.ddr import DDRCache
 from tierstore.tiers.rowfile import RowFile
 
@@ -380,4 +380,4 @@ class Store:
         }
 
 
-__all__ = ["Store", "Table", "InvalidInput"]
+__all__ = ["Store", "Table"]
