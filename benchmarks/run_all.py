@@ -35,6 +35,11 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
         res = lookup.run(train=True)
     elif name == "scm":
         res = {"reads": scm.bench_reads(), "overhead": scm.bench_overhead()}
+    elif name == "kernels":
+        import subprocess
+        out = subprocess.run([sys.executable, os.path.join(HERE, "bench_kernels.py"), "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        res = {"results": json.loads(out)}
     elif name == "shampoo":
         import subprocess
         out = os.path.join(RESULTS, "shampoo.json")
@@ -43,7 +48,7 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
         with open(out) as f:
             res = json.load(f)
     else:
-        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, shampoo")
+        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, kernels, shampoo")
     res["environment"] = common.environment()
     res["seconds"] = round(time.time() - started, 1)
     res["command"] = f"python benchmarks/run_all.py --only {name}" + (
@@ -147,12 +152,23 @@ def render_shampoo(res: dict[str, Any]) -> str:
         f"{'met' if res['ratio_amortized'] <= 1.10 else 'NOT met'}. No GPU was lent, so no GPU ratio."])
 
 
+def render_kernels(res: dict[str, Any]) -> str:
+    lines = ["One table, pooled lookup + backward + row-wise Adagrad, all rows in DRAM, batch 4096.", "",
+             "| rows | dim | pooling | fused numba ms | plain torch ms | speedup |",
+             "|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        lines.append(f"| {r['rows']:,} | {r['dim']} | {r['pooling']} | {r['fused_ms']:.2f} | "
+                     f"{r['torch_ms']:.2f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 SECTIONS = {
     "cache": ("Cache hit rates through the DRAM tier (issue 2, number 1)", render_cache),
     "lookup": ("Pooled lookup, all rows in DRAM (number 2)", render_lookup),
     "train": ("Training step: lookup + backward + row-wise Adagrad (numbers 3 and 4)",
               render_lookup),
     "scm": ("SCM reads and DRAM overhead (numbers 5 and 6)", render_scm),
+    "kernels": ("Write path: fused numba kernel vs plain torch", render_kernels),
     "shampoo": ("Distributed Shampoo step time (issue 5)", render_shampoo),
 }
 
@@ -178,7 +194,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", help="real trace for the cache section (one id per line)")
-    p.add_argument("--only", default="cache,lookup,train,scm,shampoo")
+    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
     p.add_argument("--jobs", type=int, default=2, help="processes for the cache section")
     p.add_argument("--render-only", action="store_true")
