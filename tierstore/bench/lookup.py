@@ -44,7 +44,7 @@ def _tierstore(path: str, T: int, rows: int, dim: int, fraction: float, policy: 
     return store
 
 
-def _fbgemm(T: int, rows: int, dim: int, train: bool):
+def _fbgemm(T: int, rows: int, dim: int):
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import (EmbeddingLocation,
                                                                       PoolingMode)
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -126,7 +126,7 @@ def _torch_baseline(T, rows, dim, batches, grad, train, n_batches, repeats) -> d
 
 
 def _fbgemm_baseline(T, rows, dim, batches, grad, train, repeats) -> dict[str, float]:
-    tbe = _fbgemm(T, rows, dim, train)
+    tbe = _fbgemm(T, rows, dim)
     inputs = [_fbgemm_input(b) for b in batches]
     nxt = _cycle(inputs)
     g = grad.repeat(1, T)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .base import Admission, CachePolicy
-from .slots import EMPTY_SLOTS, as_index
+from .slots import EMPTY_SLOTS, as_index, distinct_in_order
 
 
 def replay_policy(
@@ -115,8 +115,7 @@ def _replay_batches(
     hits = 0
     for start in range(0, len(trace), batch):
         dense = state.dense[start : start + batch]
-        _, first = np.unique(dense, return_index=True)
-        distinct = dense[np.sort(first)]
+        distinct = distinct_in_order(dense)
         slots = state.slot_of[distinct]
         resident = slots >= 0
         missing = distinct[~resident]

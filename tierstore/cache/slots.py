@@ -36,6 +36,14 @@ def admit_first(m: int, slots: np.ndarray) -> Admission:
     return Admission(admit=admit, slots=np.array(slots, dtype=np.int64))  # a copy for the caller
 
 
+def distinct_in_order(values: np.ndarray) -> np.ndarray:
+    """Distinct values in order of first occurrence."""
+    if len(values) <= 1:
+        return values
+    u, first = np.unique(values, return_index=True)
+    return u[np.argsort(first, kind="stable")]
+
+
 def default_pool_size(capacity: int) -> int:
     """Snapshot size of a :class:`VictimPool`: ~1/64 of the slots, between 32 and 16384."""
     return int(min(16384, max(32, capacity // 64)))

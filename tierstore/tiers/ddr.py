@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tierstore.cache.base import CachePolicy
+from tierstore.cache.slots import distinct_in_order
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
@@ -34,14 +35,6 @@ from tierstore.tiers.index import DenseIndex, HashIndex
 _EMPTY = np.empty(0, dtype=np.int64)
 _KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
                 Adagrad: kernels.ADAGRAD}
-
-
-def distinct_in_order(values: np.ndarray) -> np.ndarray:
-    """Distinct values in order of first occurrence."""
-    if len(values) <= 1:
-        return values
-    u, first = np.unique(values, return_index=True)
-    return u[np.argsort(first, kind="stable")]
 
 
 def _sum_contributions(keys: np.ndarray, src: np.ndarray, scale: np.ndarray,
@@ -130,11 +123,16 @@ class DDRCache:
         pos = np.empty(n, dtype=np.int32)
         if kernels.gather_positions(ids.numpy(), self._dense, pos) != kernels.ALL_RESIDENT:
             return None
+        self._record_all_hits(pos)
+        return torch.from_numpy(pos)
+
+    def _record_all_hits(self, pos: np.ndarray) -> None:
+        """Count a batch whose rows are all resident and tell the policy (if it tracks hits)."""
+        n = len(pos)
         self.counters["lookups"] += n
         self.counters["hits"] += n
         if self._track_hits and n:
             self.policy.access(self._distinct_slots(pos), _EMPTY)
-        return torch.from_numpy(pos)
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
         """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
@@ -151,17 +149,15 @@ class DDRCache:
         """
         pos = self.positions(ids)
         miss = pos == 0
-        n = len(ids)
-        self.counters["lookups"] += n
         if not miss.any():
-            self.counters["hits"] += n
-            if self.policy.tracks_hits:
-                self.policy.access(self._distinct_slots(pos), _EMPTY)
+            self._record_all_hits(pos)
             return pos, None
+        n = len(ids)
         miss_rows = distinct_in_order(ids[miss])
+        self.counters["lookups"] += n
         self.counters["misses"] += len(miss_rows)
         self.counters["hits"] += n - len(miss_rows)
-        hit_slots = self._distinct_slots(pos[~miss]) if self.policy.tracks_hits else _EMPTY
+        hit_slots = self._distinct_slots(pos[~miss]) if self._track_hits else _EMPTY
         adm = self.policy.access(hit_slots, miss_rows)
         self._admit(miss_rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
         pos[miss] = self.positions(ids[miss])

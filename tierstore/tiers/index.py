@@ -130,7 +130,6 @@ class HashIndex:
         self.clear()
         if len(keys):
             self.put(keys, vals)
-            self.count = len(keys)
 
     def resident_bytes(self) -> int:
         return self.keys.nbytes + self.vals.nbytes
