@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tierstore import checks
+from tierstore import ops
 from tierstore.cache.admit_all import AdmitAll
 from tierstore.catalog import Catalog, LmdbRows
 from tierstore.config import TableSpec
@@ -33,7 +32,6 @@ from tierstore.errors import InvalidSpec, StoreLocked, TierstoreError, UnknownTa
 from tierstore.tiers.ddr import DDRCache
 from tierstore.tiers.rowfile import RowFile
 
-_MODES = {"sum": 0, "mean": 1}  # torch.embedding_bag's mode codes
 SLOT_METADATA_BYTES = 9  # row id (<= 8) + dirty flag (1) per cached row, see tiers/ddr.py
 POLICY_BYTES_ESTIMATE = 10  # per cached row; adaptive measured 9.8, lru 5, lfu 7 (docs/cache.md)
 
@@ -216,7 +214,7 @@ class Store:
             self.open_table(name)
         return self._open[name]
 
-    # -- reads -----------------------------------------------------------------------------
+    # -- reads and writes (tierstore/ops.py holds the logic, shared with the client) ----------
     def lookup(self, table: str | Table, ids: Any) -> torch.Tensor:
         """Rows of ``ids`` (1-D int, duplicates allowed): Tensor [n, dim] of the table dtype.
 
@@ -224,17 +222,7 @@ class Store:
         InvalidInput.
         """
         e = self._entry(table)
-        rows = checks.ids(ids, e.spec, check_range=False)
-        pos = e.cache.resident_positions(rows)
-        if pos is not None:
-            return e.cache.weights_t.index_select(0, pos)
-        checks.id_range(rows, e.spec)
-        pos_np, bypass = e.cache.resolve(rows.numpy())
-        out = e.cache.weights_t.index_select(0, torch.from_numpy(pos_np))
-        if bypass is not None:
-            where, k = bypass.positions(rows.numpy(), pos_np)
-            out[torch.from_numpy(where)] = torch.from_numpy(bypass.w[k])
-        return out
+        return ops.lookup(e.cache, e.spec, ids)
 
     def pooled(self, table: str | Table, indices: Any, offsets: Any, mode: str = "sum",
                per_sample_weights: Any = None, include_last_offset: bool = False) -> torch.Tensor:
@@ -245,47 +233,14 @@ class Store:
         mode: "sum" or "mean" (empty bags give zeros); per_sample_weights: float [N], sum only.
         """
         e = self._entry(table)
-        spec = e.spec
-        rows = checks.ids(indices, spec, "indices", check_range=False)
-        n = rows.shape[0]
-        checks.mode(mode, spec)
-        off = checks.offsets(offsets, n, include_last_offset, spec)
-        psw = checks.per_sample_weights(per_sample_weights, n, mode, spec)
-        weights = e.cache.weights_t
-        pos = e.cache.resident_positions(rows)
-        if pos is not None:  # every row in DRAM: one fused gather-and-pool
-            return torch.embedding_bag(weights, pos, off, False, _MODES[mode], False, psw,
-                                       True)[0]
-        checks.id_range(rows, spec, "indices")
-        pos_np, bypass = e.cache.resolve(rows.numpy())
-        pos = torch.from_numpy(pos_np)
-        if bypass is None:
-            return F.embedding_bag(pos, weights, off, mode=mode, per_sample_weights=psw,
-                                   include_last_offset=True)
-        # Rows the policy did not admit read the zero row; add their values from SCM.
-        out = F.embedding_bag(pos, weights, off, mode="sum", per_sample_weights=psw,
-                              include_last_offset=True)
-        off_np = off.numpy()
-        where, k = bypass.positions(rows.numpy(), pos_np)
-        bag = torch.from_numpy(np.searchsorted(off_np, where, side="right") - 1)
-        contrib = torch.from_numpy(bypass.w[k]).to(out.dtype)
-        if psw is not None:
-            contrib = contrib * psw[torch.from_numpy(where)].unsqueeze(1).to(out.dtype)
-        out.index_add_(0, bag, contrib)
-        if mode == "mean":
-            lengths = torch.from_numpy(np.diff(off_np)).clamp(min=1).unsqueeze(1)
-            out = out / lengths.to(out.dtype)
-        return out
+        return ops.pooled(e.cache, e.spec, indices, offsets, mode, per_sample_weights,
+                          include_last_offset)
 
-    # -- writes ----------------------------------------------------------------------------
     def apply_gradients(self, table: str | Table, ids: Any, grads: Any) -> None:
         """Apply the table's optimizer with per-id gradients [n, dim] (summed over duplicate
         ids first). Rows become dirty in DRAM, or are updated on SCM if not resident."""
         e = self._entry(table)
-        rows = checks.ids(ids, e.spec).numpy()
-        g = checks.grads(grads, len(rows), e.spec)
-        if len(rows):
-            e.cache.apply(rows, np.arange(len(rows), dtype=np.int64), None, g)
+        ops.apply_gradients(e.cache, e.spec, ids, grads)
 
     def apply_pooled_gradients(self, table: str | Table, indices: Any, offsets: Any,
                                grad_output: Any, mode: str = "sum",
@@ -294,22 +249,8 @@ class Store:
         """Backward of :meth:`pooled` fused with the optimizer: grad_output [B, dim] is the
         gradient of the pooled output; no per-index gradient tensor is materialised."""
         e = self._entry(table)
-        spec = e.spec
-        rows = checks.ids(indices, spec, "indices").numpy()
-        checks.mode(mode, spec)
-        off = checks.offsets(offsets, len(rows), include_last_offset, spec).numpy()
-        psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
-        g = checks.grads(grad_output, len(off) - 1, spec, "grad_output")
-        if not len(rows):
-            return
-        lengths = np.diff(off)
-        bag = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-        scale = None
-        if psw is not None:
-            scale = psw.numpy()
-        elif mode == "mean":
-            scale = (1.0 / np.maximum(lengths, 1)).astype(np.float32)[bag]
-        e.cache.apply(rows, bag, scale, g)
+        ops.apply_pooled_gradients(e.cache, e.spec, indices, offsets, grad_output, mode,
+                                   per_sample_weights, include_last_offset)
 
     # -- durability ------------------------------------------------------------------------
     def flush(self) -> None:

@@ -29,7 +29,7 @@ from tierstore.cache.slots import distinct_in_order
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
-from tierstore.tiers import shm
+from tierstore.tiers import pins, shm
 from tierstore.tiers.index import DenseIndex, HashIndex
 
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -63,7 +63,57 @@ class Bypass:
         return where, k
 
 
-class DDRCache:
+
+class SlabWriter:
+    """The in-place write path on slab positions, shared by the DRAM tier (in the owner
+    process) and a client attached to the service's slab. Needs ``spec``, ``weights``,
+    ``state``, ``dirty`` (numpy views of the slab) and calls :meth:`_init_scratch` once."""
+
+    spec: TableSpec
+    weights: np.ndarray
+    state: np.ndarray
+    dirty: np.ndarray
+
+    def _init_scratch(self) -> None:
+        self._mark = np.full(self.weights.shape[0], -1, dtype=np.int64)
+        self._acc = np.empty((0, self.spec.dim), dtype=np.float32)
+        self._upos = np.empty(0, dtype=np.int64)
+        #: True: fused numba kernels on float32 tables; False: the plain torch path.
+        self.fused = True
+
+    def _apply_resident(self, pos, src, scale, g) -> None:
+        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
+        if not self.fused or kind is None or self.weights.dtype != np.float32:
+            self._apply_resident_torch(pos, src, scale, g)
+            return
+        opt = self.spec.optimizer
+        acc, upos = self._scratch(len(pos))
+        kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
+                           opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
+                           self._mark, acc, upos)
+
+    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel buffers for n contributions, grown geometrically and reused."""
+        if len(self._upos) < n:
+            size = max(n, 2 * len(self._upos))
+            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
+            self._upos = np.empty(size, dtype=np.int64)
+        return self._acc, self._upos
+
+    def _apply_resident_torch(self, pos, src, scale, g) -> None:
+        """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
+        the path of float16 tables, and the measured alternative to the fused kernel
+        (benchmarks/bench_kernels.py)."""
+        upos, summed = _sum_contributions(pos, src, scale, g)
+        w = torch.from_numpy(self.weights[upos].astype(np.float32))
+        s = torch.from_numpy(self.state[upos])
+        self.spec.optimizer.update(w, s, summed)
+        self.weights[upos] = w.numpy().astype(self.weights.dtype)
+        self.state[upos] = s.numpy()
+        self.dirty[upos] = 1
+
+
+class DDRCache(SlabWriter):
     """The DRAM tier of one table. One owner process mutates it; see module docstring."""
 
     def __init__(self, spec: TableSpec, capacity: int, backing, policy: CachePolicy,
@@ -81,7 +131,12 @@ class DDRCache:
             shm.create(f"{shm_prefix}.s", (cap1, self.layout.state_dim), np.float32, unlink=unlink),
             shm.create(f"{shm_prefix}.meta", (cap1, id_type.itemsize + 1), np.uint8,
                        unlink=unlink),
+            shm.create(f"{shm_prefix}.ctrl", (pins.CTRL_WORDS,), np.int64, unlink=unlink),
         ]
+        self._unlink_on_close = not unlink
+        self.id_dtype = id_type
+        #: control words of the client protocol (tiers/pins.py): eviction generation, retired
+        self.ctrl = self._segments[3].array
         self.weights = self._segments[0].array
         self.state = self._segments[1].array
         meta = self._segments[2].array.reshape(-1)
@@ -101,13 +156,12 @@ class DDRCache:
         self._track_hits = policy.tracks_hits
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
-        self._mark = np.full(cap1, -1, dtype=np.int64)
-        self._acc = np.empty((0, spec.dim), dtype=np.float32)
-        self._upos = np.empty(0, dtype=np.int64)
-        #: True: fused numba kernels on float32 tables; False: the plain torch path.
-        self.fused = True
+        self._init_scratch()
 
     # -- residency -------------------------------------------------------------------------
+    def end_op(self) -> None:
+        """Nothing to release in the owner process (clients unpin here)."""
+
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Slab rows (slot + 1) of ``ids``; 0 where not resident. No side effects."""
         return self.index.get(ids)
@@ -213,37 +267,6 @@ class DDRCache:
         if len(pos):
             self._apply_resident(pos, src, scale, g)
 
-    def _apply_resident(self, pos, src, scale, g) -> None:
-        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
-        if not self.fused or kind is None or self.weights.dtype != np.float32:
-            self._apply_resident_torch(pos, src, scale, g)
-            return
-        opt = self.spec.optimizer
-        acc, upos = self._scratch(len(pos))
-        kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
-                           opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._mark, acc, upos)
-
-    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Kernel buffers for n contributions, grown geometrically and reused."""
-        if len(self._upos) < n:
-            size = max(n, 2 * len(self._upos))
-            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
-            self._upos = np.empty(size, dtype=np.int64)
-        return self._acc, self._upos
-
-    def _apply_resident_torch(self, pos, src, scale, g) -> None:
-        """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
-        the path of float16 tables, and the measured alternative to the fused kernel
-        (benchmarks/bench_kernels.py)."""
-        upos, summed = _sum_contributions(pos, src, scale, g)
-        w = torch.from_numpy(self.weights[upos].astype(np.float32))
-        s = torch.from_numpy(self.state[upos])
-        self.spec.optimizer.update(w, s, summed)
-        self.weights[upos] = w.numpy().astype(self.weights.dtype)
-        self.state[upos] = s.numpy()
-        self.dirty[upos] = 1
-
     def _apply_on_scm(self, ids, src, scale, g) -> None:
         rows, summed = _sum_contributions(ids, src, scale, g)
         w, s = self.backing.read(rows)
@@ -256,8 +279,11 @@ class DDRCache:
         """Write every dirty resident row back to SCM; returns how many."""
         pos = np.flatnonzero(self.dirty)
         if len(pos):
-            self.backing.write(self.row_of_pos[pos], self.weights[pos], self.state[pos])
+            # Clear first: a client writing one of these rows meanwhile sets its bit again
+            # after its write, so the row goes out on the next flush (see tiers/pins.py).
             self.dirty[pos] = 0
+            pins.fence()
+            self.backing.write(self.row_of_pos[pos], self.weights[pos], self.state[pos])
             self.counters["writebacks"] += len(pos)
         return len(pos)
 
@@ -278,3 +304,75 @@ class DDRCache:
         self.index.close()
         for seg in self._segments:
             seg.close()
+            if self._unlink_on_close:
+                shm.unlink(seg.name)
+        if self._unlink_on_close and isinstance(self.index, DenseIndex):
+            shm.unlink(self.index.segment.name)
+
+    # -- sharing with clients (the service side of tiers/pins.py) ----------------------------
+    def shared_layout(self) -> dict:
+        """What a client needs to map this tier: segment names, shapes and dtypes (JSON-able).
+        Only dense tables expose their index (sparse tables resolve every batch through the
+        service)."""
+        cap1 = self.capacity + 1
+        return {
+            "capacity": self.capacity,
+            "weights": [self._segments[0].name, [cap1, self.spec.dim], self.layout.np_dtype.str],
+            "state": [self._segments[1].name, [cap1, self.layout.state_dim], "<f4"],
+            "meta": [self._segments[2].name, [cap1, self.id_dtype.itemsize + 1], "|u1"],
+            "ctrl": [self._segments[3].name, [pins.CTRL_WORDS], "<i8"],
+            "index": ([self.index.segment.name, [self.spec.num_rows], "<i4"]
+                      if isinstance(self.index, DenseIndex) else None),
+            "id_dtype": self.id_dtype.str,
+            "tracks_hits": bool(self._track_hits),
+        }
+
+    def resolve_for_client(self, rows: np.ndarray, hit_slots: np.ndarray, lookups: int,
+                           client_pins) -> tuple[np.ndarray, Bypass | None]:
+        """Service side of a client's miss: make distinct ``rows`` resident as far as the policy
+        admits them, never evicting a slot pinned by any client.
+
+        rows: distinct int64 ids the client could not serve from DRAM (some may have become
+        resident meanwhile: they count as hits); hit_slots: distinct slots the client's batch
+        hit (for the policy); lookups: ids in the client's batch (for the counters);
+        client_pins: callable returning bool[capacity], read between the fences.
+        Returns positions for ``rows`` (0 = served from the Bypass) and the bypass rows.
+        """
+        self.ctrl[pins.GEN] += 1
+        pins.fence()
+        try:
+            pos = self.positions(rows)
+            missing = pos == 0
+            miss_rows = rows[missing]
+            now_hit = pos[~missing] - 1
+            hit_slots = np.unique(np.concatenate([hit_slots, now_hit])) if len(now_hit) \
+                else hit_slots
+            self.counters["lookups"] += lookups
+            self.counters["misses"] += len(miss_rows)
+            self.counters["hits"] += lookups - len(miss_rows)
+            if not len(miss_rows):
+                if self._track_hits and len(hit_slots):
+                    self.policy.access(hit_slots, _EMPTY)
+                return pos, None
+            saved = self.policy.pinned.copy()
+            self.policy.pinned |= client_pins()
+            try:
+                adm = self.policy.access(hit_slots if self._track_hits else _EMPTY, miss_rows)
+            finally:
+                self.policy.pinned[:] = saved
+            self._admit(miss_rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
+            pos[missing] = self.positions(miss_rows)
+        finally:
+            pins.fence()
+            self.ctrl[pins.GEN] += 1
+        rest = miss_rows[~adm.admit]
+        if len(rest) == 0:
+            return pos, None
+        self.counters["bypassed"] += len(rest)
+        w, s = self.backing.read(rest)
+        return pos, Bypass(rest, w, s)
+
+    def retire(self) -> None:
+        """Tell attached clients this slab is being replaced (they attach again)."""
+        self.ctrl[pins.RETIRED] = 1
+        pins.fence()

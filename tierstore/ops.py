@@ -1,0 +1,118 @@
+"""The read and write operations on one table's DRAM tier, shared by the embedded
+:class:`tierstore.Store` and the service client (:mod:`tierstore.client`).
+
+``cache`` is the table's DRAM tier as this process sees it: the owner's
+:class:`~tierstore.tiers.ddr.DDRCache` or a client's view of the service's slab. It provides
+``weights_t`` (the slab as a tensor, row 0 zero), ``resident_positions(ids)`` (fast path: all
+rows resident, or None), ``resolve(ids)`` (positions plus rows served from SCM) and
+``apply(ids, src, scale, grad)`` (optimizer update); ``end_op()`` is called when an operation is
+done with the slab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tierstore import checks
+from tierstore.config import TableSpec
+
+_MODES = {"sum": 0, "mean": 1}  # torch.embedding_bag's mode codes
+
+
+def lookup(cache, spec: TableSpec, ids: Any) -> torch.Tensor:
+    """Rows of ``ids`` as Tensor [n, dim] (see Store.lookup)."""
+    rows = checks.ids(ids, spec, check_range=False)
+    try:
+        pos = cache.resident_positions(rows)
+        if pos is not None:
+            return cache.weights_t.index_select(0, pos)
+        checks.id_range(rows, spec)
+        pos_np, bypass = cache.resolve(rows.numpy())
+        out = cache.weights_t.index_select(0, torch.from_numpy(pos_np))
+        if bypass is not None:
+            where, k = bypass.positions(rows.numpy(), pos_np)
+            out[torch.from_numpy(where)] = torch.from_numpy(bypass.w[k])
+        return out
+    finally:
+        cache.end_op()
+
+
+def pooled(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str = "sum",
+           per_sample_weights: Any = None, include_last_offset: bool = False) -> torch.Tensor:
+    """Pooled rows per bag as Tensor [B, dim] (see Store.pooled)."""
+    rows = checks.ids(indices, spec, "indices", check_range=False)
+    n = rows.shape[0]
+    checks.mode(mode, spec)
+    off = checks.offsets(offsets, n, include_last_offset, spec)
+    psw = checks.per_sample_weights(per_sample_weights, n, mode, spec)
+    try:
+        weights = cache.weights_t
+        pos = cache.resident_positions(rows)
+        if pos is not None:  # every row in DRAM: one fused gather-and-pool
+            return torch.embedding_bag(weights, pos, off, False, _MODES[mode], False, psw,
+                                       True)[0]
+        checks.id_range(rows, spec, "indices")
+        pos_np, bypass = cache.resolve(rows.numpy())
+        pos = torch.from_numpy(pos_np)
+        if bypass is None:
+            return F.embedding_bag(pos, weights, off, mode=mode, per_sample_weights=psw,
+                                   include_last_offset=True)
+        return _pooled_with_bypass(weights, pos, off, mode, psw, rows, bypass)
+    finally:
+        cache.end_op()
+
+
+def _pooled_with_bypass(weights, pos, off, mode, psw, rows, bypass) -> torch.Tensor:
+    """Rows the policy did not admit read the zero row; add their values from SCM."""
+    out = F.embedding_bag(pos, weights, off, mode="sum", per_sample_weights=psw,
+                          include_last_offset=True)
+    off_np = off.numpy()
+    where, k = bypass.positions(rows.numpy(), pos.numpy())
+    bag = torch.from_numpy(np.searchsorted(off_np, where, side="right") - 1)
+    contrib = torch.from_numpy(bypass.w[k]).to(out.dtype)
+    if psw is not None:
+        contrib = contrib * psw[torch.from_numpy(where)].unsqueeze(1).to(out.dtype)
+    out.index_add_(0, bag, contrib)
+    if mode == "mean":
+        lengths = torch.from_numpy(np.diff(off_np)).clamp(min=1).unsqueeze(1)
+        out = out / lengths.to(out.dtype)
+    return out
+
+
+def apply_gradients(cache, spec: TableSpec, ids: Any, grads: Any) -> None:
+    """Per-id gradients [n, dim] through the table's optimizer (see Store.apply_gradients)."""
+    rows = checks.ids(ids, spec).numpy()
+    g = checks.grads(grads, len(rows), spec)
+    if len(rows):
+        try:
+            cache.apply(rows, np.arange(len(rows), dtype=np.int64), None, g)
+        finally:
+            cache.end_op()
+
+
+def apply_pooled_gradients(cache, spec: TableSpec, indices: Any, offsets: Any,
+                           grad_output: Any, mode: str = "sum", per_sample_weights: Any = None,
+                           include_last_offset: bool = False) -> None:
+    """Backward of :func:`pooled` fused with the optimizer (see Store.apply_pooled_gradients)."""
+    rows = checks.ids(indices, spec, "indices").numpy()
+    checks.mode(mode, spec)
+    off = checks.offsets(offsets, len(rows), include_last_offset, spec).numpy()
+    psw = checks.per_sample_weights(per_sample_weights, len(rows), mode, spec)
+    g = checks.grads(grad_output, len(off) - 1, spec, "grad_output")
+    if not len(rows):
+        return
+    lengths = np.diff(off)
+    bag = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    scale = None
+    if psw is not None:
+        scale = psw.numpy()
+    elif mode == "mean":
+        scale = (1.0 / np.maximum(lengths, 1)).astype(np.float32)[bag]
+    try:
+        cache.apply(rows, bag, scale, g)
+    finally:
+        cache.end_op()

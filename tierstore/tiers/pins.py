@@ -1,0 +1,110 @@
+"""Pins: how a client reads and writes the shared DRAM slab while the service evicts.
+
+The service (one process) owns admission and eviction; clients (other processes) read resident
+rows straight from the shared slab and the table's writer updates them in place. A row must not
+be evicted between the moment a client finds its slot and the moment it is done with it. Two
+small shared arrays make that safe without a round trip:
+
+- the table's control words ``ctrl`` (int64[CTRL_WORDS]): ``ctrl[GEN]`` is odd while the service
+  is evicting/admitting and is bumped before and after; ``ctrl[RETIRED]`` is 1 once the service
+  has replaced this slab (the client must attach again);
+- one pin array per (client, table): ``pins`` (uint32[capacity + 1], indexed like the slab) and a
+  header (int64[HEADER_WORDS]) whose ``SEQ`` word is the client's current operation number.
+  ``pins[p] == SEQ`` means "slab row p is in use by my current operation". Starting the next
+  operation (SEQ + 1) releases all pins at once.
+
+Protocol (a seqlock plus Dekker-style pins; both sides issue a full memory fence):
+
+client:  g0 = ctrl[GEN]; fence; p = index[id] for each id; pins[p] = SEQ; fence; g1 = ctrl[GEN]
+         -> the positions are valid iff g0 == g1 and g0 is even (else ask the service);
+service: ctrl[GEN] += 1; fence; read every client's pins; evict only unpinned slots; admit;
+         fence; ctrl[GEN] += 1.
+
+Either the client sees the service's odd generation (and retries through the service) or the
+service sees the client's pins (and leaves those slots alone): the two fences forbid both loads
+from missing the other side's store. Positions handed out by the service are pinned by the
+service itself before it replies.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+_JIT = dict(nogil=True, cache=True)
+
+CTRL_WORDS, GEN, RETIRED = 8, 0, 1
+HEADER_WORDS, SEQ, LOOKUPS, HITS = 8, 0, 1, 2
+HEADER_BYTES = HEADER_WORDS * 8
+
+#: statuses of :func:`pin_positions`
+ALL_RESIDENT, SOME_MISSING, OUT_OF_RANGE, RETRY, STALE = 0, 1, 2, 3, 4
+
+
+@intrinsic
+def _fence(typingctx):
+    """A sequentially consistent memory fence (mfence on x86), also a compiler barrier."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@numba.njit(**_JIT)
+def fence() -> None:
+    """Full memory fence, callable from Python (the service's side of the protocol)."""
+    _fence()
+
+
+@numba.njit(**_JIT)
+def pin_positions(ids, index, pins, seq, ctrl, out):
+    """Client side: out[i] = index[ids[i]] and pin every resident position with ``seq``.
+
+    Returns ALL_RESIDENT, SOME_MISSING (out is 0 for rows not in DRAM), OUT_OF_RANGE (an id
+    outside the index; out incomplete), RETRY (the service evicted meanwhile: out is not to be
+    trusted) or STALE (the slab was retired: attach again).
+    """
+    g0 = ctrl[GEN]
+    _fence()
+    n = index.shape[0]
+    status = ALL_RESIDENT
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        if r < 0 or r >= n:
+            return OUT_OF_RANGE
+        p = index[r]
+        out[i] = p
+        if p == 0:
+            status = SOME_MISSING
+        else:
+            pins[p] = seq
+    _fence()
+    if ctrl[RETIRED] != 0:
+        return STALE
+    if ctrl[GEN] != g0 or (g0 & 1) != 0:
+        return RETRY
+    return status
+
+
+@numba.njit(**_JIT)
+def pin_given(pos, pins, seq):
+    """Service side: pin the (non-zero) positions it hands to a client."""
+    for i in range(pos.shape[0]):
+        if pos[i] != 0:
+            pins[pos[i]] = seq
+
+
+def pinned_mask(pin_arrays: list[tuple[np.ndarray, np.ndarray]], capacity: int) -> np.ndarray:
+    """bool[capacity] of policy slots (position - 1) pinned by any client.
+
+    pin_arrays: (header int64[HEADER_WORDS], pins uint32[capacity + 1]) per attached client.
+    Call between the service's fences (see module docstring).
+    """
+    mask = np.zeros(capacity, dtype=bool)
+    for header, pins in pin_arrays:
+        mask |= pins[1:] == np.uint32(int(header[SEQ]) & 0xFFFFFFFF)
+    return mask
