@@ -1,0 +1,1 @@
+"""tierstored: the per-host tierstore service (configuration, server, client protocol)."""
