@@ -12,11 +12,19 @@ TRACE   ?= ../shared/data/real/dlrm-reuse-traces/reuse_medium_table_500K.txt
 
 install: $(STAMP)
 
+# TorchRec (KeyedJaggedTensor/KeyedTensor for tierstore.client.modules and its tests): the CPU
+# build of FBGEMM, then torchrec without its declared dependencies (they name the CUDA fbgemm-gpu
+# and torchmetrics), then the pure-Python packages `import torchrec` needs.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
+	$(PIP) fbgemm-gpu-cpu==1.8.0
+	$(PIP) --no-deps torchrec==1.8.0
+	$(PIP) --no-deps tensordict==0.15.3 pyvers==0.2.3 cloudpickle==3.1.3 \
+	    pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-extensions==1.2.0
+	$(BIN)/python -c "from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor"
 	touch $@
 
 # FBGEMM's CPU TBE is the baseline the lookup/training benchmarks compare against.
