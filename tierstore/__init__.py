@@ -9,7 +9,7 @@
 """
 
 from tierstore.config import TableSpec
-from tierstore.errors import (CorruptStore, InvalidInput, InvalidSpec, StoreLocked, TableExists,
+from tierstore.errors import (ConnectionLost, CorruptStore, InvalidInput, InvalidSpec, StoreLocked, TableExists,
                               TierstoreError, UnknownTable)
 from tierstore.optim.sparse import SGD, Adagrad, RowWiseAdagrad
 from tierstore.store import Store, Table
@@ -18,4 +18,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Store", "Table", "TableSpec", "SGD", "RowWiseAdagrad", "Adagrad", "TierstoreError",
            "StoreLocked", "UnknownTable", "TableExists", "InvalidInput", "InvalidSpec",
-           "CorruptStore"]
+           "CorruptStore", "ConnectionLost"]

@@ -28,8 +28,10 @@ class Catalog:
     """Table specs and store metadata, persisted in LMDB."""
 
     def __init__(self, store_path: str) -> None:
-        self.env = lmdb.open(os.path.join(store_path, "catalog.lmdb"), map_size=MAP_SIZE,
-                             max_dbs=4096, sync=False, metasync=False, lock=True)
+        path = os.path.join(store_path, "catalog.lmdb")
+        os.makedirs(path, mode=0o700, exist_ok=True)  # LMDB's mode is for its files only
+        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4096, sync=False,
+                             metasync=False, lock=True, mode=0o600)
         self.meta = self.env.open_db(b"meta")
         self.specs = self.env.open_db(b"tables")
         with self.env.begin(write=True) as txn:

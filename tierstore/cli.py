@@ -3,6 +3,7 @@
     tierstore demo                         the engine end to end (what `make run` shows)
     tierstore bench cache --trace PATH|zipf:alpha=A,n=N,len=L,seed=S --capacity 0.01,0.1 ...
     tierstore bench lookup|train|scm       tierstore against nn.EmbeddingBag and FBGEMM
+    tierstore stats --run-dir DIR [--json] figures of a running tierstored (like Redis INFO)
     tierstore stats --path DIR [--json]    per-table and per-tier figures of a store
 """
 
@@ -73,13 +74,30 @@ def cmd_bench_scm(a: argparse.Namespace) -> int:
 
 def cmd_stats(a: argparse.Namespace) -> int:
     import tierstore as ts
-    with ts.Store(a.path, ddr_bytes=1 << 20) as store:
-        for name in store.tables():
-            store.open_table(name)
-        st = store.stats()
+    if (a.path is None) == (a.run_dir is None):
+        print("tierstore stats: give --run-dir (a running tierstored) or --path (a store "
+              "directory no process has open)", file=sys.stderr)
+        return 2
+    if a.run_dir is not None:
+        from tierstore.client import connect
+        try:
+            with connect(a.run_dir, mode="read") as conn:
+                st = conn.stats()
+        except ts.TierstoreError as e:
+            print(f"tierstore stats: {e}", file=sys.stderr)
+            return 1
+    else:
+        with ts.Store(a.path, ddr_bytes=1 << 20) as store:
+            for name in store.tables():
+                store.open_table(name)
+            st = store.stats()
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
+    if "service" in st:
+        print("# service")
+        for k, v in st["service"].items():
+            print(f"{k}:{v}")
     print(f"# store {st['path']}  policy {st['policy']}  dram {st['dram_bytes']:,} B  "
           f"scm {st['scm_bytes']:,} B")
     for name, t in st["tables"].items():
@@ -113,8 +131,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON summary")
     d.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("stats", help="per-table and per-tier figures of an embedded store")
-    s.add_argument("--path", required=True, help="store directory")
+    s = sub.add_parser("stats", help="per-table and per-tier figures of a running tierstored "
+                       "(--run-dir) or of a store directory (--path)")
+    s.add_argument("--run-dir", help="run directory of a running tierstored")
+    s.add_argument("--path", help="store directory that no process has open")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
 
@@ -175,12 +195,23 @@ def _split_traces(parts: list[str]) -> list[str]:
 
 
 def tierstored(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `tierstored` service (its control and data planes are the next
-    milestone; until then it explains how to use the embedded engine)."""
-    msg = ("tierstored: the host service is not part of this release yet; use the embedded "
-           "engine (tierstore.Store) in-process. See README.md.")
-    print(msg, file=sys.stderr)
-    return 2
+    """Entry point of the ``tierstored`` service: runs in the foreground until SIGTERM/SIGINT
+    (exit 0 after writing back every dirty row); configuration errors exit 2."""
+    from tierstore.daemon.args import parse
+    from tierstore.daemon.config import ConfigError
+    from tierstore.daemon.server import serve
+    from tierstore.errors import TierstoreError
+    try:
+        cfg = parse(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"tierstored: {e}", file=sys.stderr)
+        return 2
+    try:
+        serve(cfg)
+    except TierstoreError as e:
+        print(f"tierstored: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

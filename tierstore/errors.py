@@ -30,3 +30,11 @@ class InvalidSpec(TierstoreError, ValueError):
 
 class CorruptStore(TierstoreError):
     """On-disk state that fails its own consistency checks."""
+
+
+class ConnectionLost(TierstoreError):
+    """The ``tierstored`` service is not there (not started, or it died); connect() again."""
+
+
+class AccessDenied(TierstoreError, PermissionError):
+    """The service refused this client (another uid than the service's)."""

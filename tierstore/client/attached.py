@@ -1,0 +1,156 @@
+"""A client's view of one table held by ``tierstored``: the shared slab mapped into this process.
+
+Rows resident in DRAM are read (and, by the table's writer, updated) in place, with no round
+trip; misses and updates of rows not in DRAM go to the service through the connection. The pin
+protocol that makes this safe against concurrent eviction is in :mod:`tierstore.tiers.pins`.
+
+Implements the tier interface of :mod:`tierstore.ops` (``weights_t``, ``resident_positions``,
+``resolve``, ``apply``, ``end_op``), so the embedded store and the client share one
+implementation of lookup, pooling and the fused backward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tierstore.config import TableSpec
+from tierstore.errors import InvalidInput
+from tierstore.optim import kernels
+from tierstore.tiers import pins, shm
+from tierstore.tiers.ddr import Bypass, SlabWriter, _sum_contributions
+
+if TYPE_CHECKING:
+    from tierstore.client.connection import Connection
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class Stale(Exception):
+    """The service replaced this table's slab (DRAM re-planned); attach again and retry."""
+
+
+def _map(desc: list, writable: bool) -> tuple[shm.Segment, np.ndarray]:
+    name, shape, dtype = desc
+    seg = shm.attach(name, tuple(shape), np.dtype(dtype), writable=writable)
+    return seg, seg.array
+
+
+def first_occurrence(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values in first-occurrence order, index of each input value in them)."""
+    u, first, inv = np.unique(values, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(u), dtype=np.int64)
+    rank[order] = np.arange(len(u))
+    return u[order], rank[inv]
+
+
+class AttachedTable(SlabWriter):
+    """One table's DRAM tier as mapped by a client. ``writable``: this client is the table's
+    writer (it may update rows in place); otherwise the slab is mapped read-only."""
+
+    def __init__(self, conn: "Connection", reply: dict[str, Any], writable: bool) -> None:
+        self.conn = conn
+        self.spec = TableSpec.from_json(reply["spec"])
+        self.name = self.spec.name
+        self.writable = writable
+        lay = reply["layout"]
+        self.capacity = int(lay["capacity"])
+        self.tracks_hits = bool(lay["tracks_hits"])
+        self._segments: list[shm.Segment] = []
+        self.weights = self._attach(lay["weights"], writable)
+        self.state = self._attach(lay["state"], writable)
+        cap1 = self.capacity + 1
+        meta = self._attach(lay["meta"], writable).reshape(-1)
+        id_size = np.dtype(lay["id_dtype"]).itemsize
+        self.dirty = meta[id_size * cap1:]
+        self.ctrl = self._attach(lay["ctrl"], False)
+        self.index = self._attach(lay["index"], False) if lay["index"] else None
+        pin_name, pin_bytes = reply["pins"]
+        raw = self._attach([pin_name, [pin_bytes], "|u1"], True)
+        self.header = raw[: pins.HEADER_BYTES].view(np.int64)
+        self.pins = raw[pins.HEADER_BYTES:].view(np.uint32)
+        with warnings.catch_warnings():  # a read-only slab gives a read-only tensor; we never write it
+            warnings.simplefilter("ignore", UserWarning)
+            self.weights_t = torch.from_numpy(self.weights)
+        self.seq = int(self.header[pins.SEQ])
+        self._init_scratch()
+
+    def _attach(self, desc: list, writable: bool) -> np.ndarray:
+        seg, arr = _map(desc, writable)
+        self._segments.append(seg)
+        return arr
+
+    # -- operations (tier interface of tierstore.ops) -------------------------------------------
+    def end_op(self) -> None:
+        """Release this operation's pins (the next operation number makes them void)."""
+        self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+        self.header[pins.SEQ] = self.seq
+
+    def _pin(self, ids: np.ndarray) -> tuple[int, np.ndarray]:
+        out = np.zeros(len(ids), dtype=np.int32)
+        if self.index is None:
+            return pins.SOME_MISSING, out
+        st = pins.pin_positions(ids, self.index, self.pins, np.uint32(self.seq), self.ctrl, out)
+        if st == pins.STALE:
+            raise Stale(self.name)
+        if st == pins.RETRY:
+            out[:] = 0
+        return st, out
+
+    def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Positions of ``ids`` pinned for this operation if all are resident, else None."""
+        st, out = self._pin(ids.numpy())
+        if st != pins.ALL_RESIDENT:
+            return None
+        n = len(out)
+        self.header[pins.LOOKUPS] += n
+        self.header[pins.HITS] += n
+        return torch.from_numpy(out)
+
+    def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
+        """Positions of ``ids`` (0: served from the returned Bypass); misses go to the service,
+        which admits them and pins them for this operation."""
+        _, out = self._pin(ids)
+        pos = out.astype(np.int64)
+        miss = pos == 0
+        miss_rows, where = first_occurrence(ids[miss])
+        hit_slots = _EMPTY
+        if self.tracks_hits and not miss.all():
+            hit_slots = np.unique(pos[~miss]) - 1
+        got, bypass = self.conn._resolve(self, miss_rows, hit_slots, len(ids))
+        pos[miss] = got[where]
+        return pos, bypass
+
+    def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
+              grad: torch.Tensor) -> None:
+        """The table's optimizer on ``scale[i] * grad[src[i]]`` per id: rows resident in DRAM
+        are updated in place (marked dirty); the service updates the others."""
+        if not self.writable:
+            raise InvalidInput(f"table {self.name!r} is attached read-only by this client; "
+                               f"attach it with mode='write' to update rows")
+        _, out = self._pin(ids)
+        pos = out.astype(np.int64)
+        g = grad.detach().to(torch.float32).contiguous().numpy()
+        sc = np.empty(0, dtype=np.float32) if scale is None else scale
+        away = pos == 0
+        if away.any():  # the service first: a Stale reply must come before any local write
+            rows, summed = _sum_contributions(ids[away], src[away], sc[away] if len(sc) else sc, g)
+            self.conn._apply(self, rows, summed.numpy())
+            keep = ~away
+            pos, src = pos[keep], src[keep]
+            sc = sc[keep] if len(sc) else sc
+        if len(pos):
+            self._apply_resident(pos, src, sc, g)
+
+    def close(self) -> None:
+        self.weights_t = None
+        for seg in self._segments:
+            seg.close()
+        self._segments.clear()
+
+
+__all__ = ["AttachedTable", "Stale", "first_occurrence"]

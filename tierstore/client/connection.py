@@ -1,0 +1,293 @@
+"""``tierstore.client.connect(run_dir)``: a connection to the host's ``tierstored``.
+
+The connection speaks the framed protocol of :mod:`tierstore.daemon.protocol` on the service's
+unix socket, maps each table it uses (:class:`~tierstore.client.attached.AttachedTable`) and
+moves bulk data through a shared-memory mailbox. Lookups of rows resident in DRAM never touch
+the socket.
+
+Errors raised by the service arrive as the same exception classes with the service's message.
+If the service dies, the next call raises :class:`tierstore.ConnectionLost` (at once: the
+kernel closes the socket) and the connection is unusable; ``connect()`` again after a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+
+from tierstore import errors, ops
+from tierstore.client.attached import AttachedTable, Stale
+from tierstore.config import TableSpec
+from tierstore.daemon import protocol
+from tierstore.errors import ConnectionLost, InvalidInput, TierstoreError
+from tierstore.tiers import shm
+from tierstore.tiers.ddr import Bypass
+
+SOCKET_NAME = "tierstored.sock"
+REPLY_TIMEOUT_S = 120.0  # a reply slower than this means a wedged service
+_RETRIES = 8  # re-attachments in a row before giving up on a table that keeps moving
+
+_ERRORS: dict[str, type[Exception]] = {
+    name: cls for name, cls in vars(errors).items()
+    if isinstance(cls, type) and issubclass(cls, Exception)
+}
+
+
+def _raise_reply(reply: dict[str, Any]) -> None:
+    kind, msg = reply.get("type", "TierstoreError"), reply.get("error", "unknown error")
+    if kind == "Stale":
+        raise Stale(msg)
+    cls = _ERRORS.get(kind, TierstoreError)
+    raise cls(f"tierstored: {msg}")
+
+
+class Connection:
+    """A client of ``tierstored``; not thread-safe (use one per thread or process).
+
+    mode: how tables are attached on first use: "write" (this process updates them; the
+    service refuses a second writer) or "read" (read-only mapping). ``attach()`` chooses per
+    table.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, mode: str = "write",
+                 timeout: float = REPLY_TIMEOUT_S) -> None:
+        if mode not in ("write", "read"):
+            raise ValueError(f"mode must be 'write' or 'read', got {mode!r}")
+        self.run_dir = os.fspath(run_dir)
+        self.mode = mode
+        self._lost: str | None = None
+        self._tables: dict[str, AttachedTable] = {}
+        path = os.path.join(self.run_dir, SOCKET_NAME)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as e:
+            self._sock.close()
+            raise ConnectionLost(f"no tierstored at {path}: {e.strerror or e}") from None
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        hello = self._call({"op": "hello", "version": protocol.VERSION, "pid": os.getpid()})
+        self.server_version = hello["version"]
+        self.client_id = hello["client_id"]
+        self.max_batch = hello["max_batch"]
+        name, size = hello["mailbox"]
+        self._mailbox_seg = shm.attach(name, (size,), np.uint8, writable=True)
+        self._mailbox = self._mailbox_seg.array
+
+    # -- the socket -------------------------------------------------------------------------
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise the service's error if not ok."""
+        if self._lost:
+            raise ConnectionLost(self._lost)
+        try:
+            self._sock.sendall(protocol.encode(msg))
+            n = protocol.frame_length(self._recv(4))
+            reply = protocol.decode(self._recv(n))
+        except (OSError, EOFError, protocol.ProtocolError) as e:
+            self._mark_lost(f"connection to tierstored at {self.run_dir} lost: {e}")
+            raise ConnectionLost(self._lost) from None
+        if not reply.get("ok"):
+            _raise_reply(reply)
+        return reply
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError("the service closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def _check_alive(self) -> None:
+        """Raise ConnectionLost if the service has gone (costs one poll syscall)."""
+        if self._lost:
+            raise ConnectionLost(self._lost)
+        if self._poll.poll(0):  # the service never speaks unasked: readable means closed
+            self._mark_lost(f"tierstored at {self.run_dir} has gone away")
+            raise ConnectionLost(self._lost)
+
+    def _mark_lost(self, why: str) -> None:
+        self._lost = why
+        for t in self._tables.values():
+            t.close()
+        self._tables.clear()
+
+    # -- tables -----------------------------------------------------------------------------
+    def create_table(self, spec: TableSpec) -> str:
+        """Create a table in the service's store; returns its name. Raises TableExists,
+        InvalidSpec."""
+        if not isinstance(spec, TableSpec):
+            raise errors.InvalidSpec(f"create_table needs a TableSpec, got {type(spec).__name__}")
+        self._call({"op": "create_table", "spec": spec.to_json()})
+        return spec.name
+
+    def drop_table(self, name: str) -> None:
+        self._detach_local(name)
+        self._call({"op": "drop_table", "table": name})
+
+    def tables(self) -> list[str]:
+        return self._call({"op": "tables"})["tables"]
+
+    def attach(self, table: str, mode: str | None = None) -> AttachedTable:
+        """Map ``table`` for writing or reading (default: the connection's mode). A second
+        writer of a table is refused with InvalidInput naming the current writer's pid."""
+        mode = mode or self.mode
+        if mode not in ("write", "read"):
+            raise ValueError(f"mode must be 'write' or 'read', got {mode!r}")
+        self._detach_local(table)
+        reply = self._call({"op": "attach", "table": table, "mode": mode})
+        t = AttachedTable(self, reply, writable=mode == "write")
+        self._tables[table] = t
+        return t
+
+    def detach(self, table: str) -> None:
+        """Unmap a table and give up its ownership."""
+        self._detach_local(table)
+        self._call({"op": "detach", "table": table})
+
+    def _detach_local(self, table: str) -> None:
+        t = self._tables.pop(table, None)
+        if t is not None:
+            t.close()
+
+    def _table(self, table: str) -> AttachedTable:
+        if not isinstance(table, str):
+            table = getattr(table, "name", table)
+            if not isinstance(table, str):
+                raise errors.UnknownTable(f"table must be a name, got {type(table).__name__}")
+        self._check_alive()
+        t = self._tables.get(table)
+        return t if t is not None else self.attach(table)
+
+    def _with_table(self, table: str, fn) -> Any:
+        """Run fn(attached table); on Stale (the service re-planned DRAM) attach again and
+        retry: nothing was changed by the failed attempt."""
+        for _ in range(_RETRIES):
+            t = self._table(table)
+            try:
+                return fn(t)
+            except Stale:
+                mode = "write" if t.writable else "read"
+                self._detach_local(table)
+                self.attach(table, mode)
+        raise TierstoreError(f"table {table!r} kept moving while attaching ({_RETRIES} tries)")
+
+    # -- the engine's operations --------------------------------------------------------------
+    def lookup(self, table: str, ids: Any) -> torch.Tensor:
+        """Rows of ``ids`` (see :meth:`tierstore.Store.lookup`)."""
+        return self._with_table(table, lambda t: ops.lookup(t, t.spec, ids))
+
+    def pooled(self, table: str, indices: Any, offsets: Any, mode: str = "sum",
+               per_sample_weights: Any = None, include_last_offset: bool = False) -> torch.Tensor:
+        """Pooled rows per bag (see :meth:`tierstore.Store.pooled`)."""
+        return self._with_table(table, lambda t: ops.pooled(
+            t, t.spec, indices, offsets, mode, per_sample_weights, include_last_offset))
+
+    def apply_gradients(self, table: str, ids: Any, grads: Any) -> None:
+        """Per-id gradients through the table's optimizer (see Store.apply_gradients)."""
+        self._with_table(table, lambda t: ops.apply_gradients(t, t.spec, ids, grads))
+
+    def apply_pooled_gradients(self, table: str, indices: Any, offsets: Any, grad_output: Any,
+                               mode: str = "sum", per_sample_weights: Any = None,
+                               include_last_offset: bool = False) -> None:
+        """Backward of :meth:`pooled` fused with the optimizer (see Store)."""
+        self._with_table(table, lambda t: ops.apply_pooled_gradients(
+            t, t.spec, indices, offsets, grad_output, mode, per_sample_weights,
+            include_last_offset))
+
+    def spec(self, table: str) -> TableSpec:
+        return self._table(table).spec
+
+    # -- data plane requests (called by AttachedTable) ----------------------------------------
+    def _put(self, offset: int, arr: np.ndarray) -> int:
+        """Copy arr into the mailbox at offset (8-aligned); returns the next free offset."""
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        end = offset + len(raw)
+        if end > len(self._mailbox):
+            raise InvalidInput(f"a batch of {len(raw)} bytes does not fit the service's "
+                               f"mailbox ({len(self._mailbox)} bytes); raise mailbox_bytes "
+                               f"or send smaller batches")
+        self._mailbox[offset:end] = raw
+        return (end + 7) // 8 * 8
+
+    def _get(self, offset: int, dtype: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        arr = self._mailbox[offset: offset + nbytes].view(dtype).reshape(shape).copy()
+        return arr, (offset + nbytes + 7) // 8 * 8
+
+    def _resolve(self, t: AttachedTable, rows: np.ndarray, hit_slots: np.ndarray,
+                 lookups: int) -> tuple[np.ndarray, Bypass | None]:
+        if lookups > self.max_batch:
+            raise InvalidInput(f"table {t.name!r}: batch of {lookups} ids is over the "
+                               f"service's max_batch ({self.max_batch})")
+        off = self._put(0, rows.astype(np.int64, copy=False))
+        self._put(off, hit_slots.astype(np.int64, copy=False))
+        reply = self._call({"op": "resolve", "table": t.name, "rows": len(rows),
+                            "hits": len(hit_slots), "lookups": lookups, "seq": t.seq})
+        pos, off = self._get(0, np.int64, (len(rows),))
+        b = reply["bypass"]
+        if not b:
+            return pos, None
+        brows, off = self._get(off, np.int64, (b,))
+        w, off = self._get(off, t.spec.layout.np_dtype, (b, t.spec.dim))
+        s, _ = self._get(off, np.float32, (b, t.spec.layout.state_dim))
+        return pos, Bypass(brows, w, s)
+
+    def _apply(self, t: AttachedTable, rows: np.ndarray, summed: np.ndarray) -> None:
+        if len(rows) > self.max_batch:
+            raise InvalidInput(f"table {t.name!r}: {len(rows)} rows is over the service's "
+                               f"max_batch ({self.max_batch})")
+        off = self._put(0, rows.astype(np.int64, copy=False))
+        self._put(off, summed.astype(np.float32, copy=False))
+        self._call({"op": "apply", "table": t.name, "rows": len(rows)})
+
+    # -- service-wide ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The service's figures (like ``tierstore stats --run-dir``)."""
+        return self._call({"op": "stats"})["stats"]
+
+    def flush(self) -> None:
+        """Write back every dirty row and make the store durable."""
+        self._call({"op": "flush"})
+
+    def shutdown(self) -> None:
+        """Ask the service to stop (it writes back every dirty row first)."""
+        try:
+            self._call({"op": "shutdown"})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Unmap everything and hang up (the service drops this client's pins and ownership)."""
+        for name in list(self._tables):
+            self._detach_local(name)
+        if getattr(self, "_mailbox_seg", None) is not None:
+            self._mailbox = None
+            self._mailbox_seg.close()
+            self._mailbox_seg = None
+        if self._lost is None:
+            self._lost = "connection closed"
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(run_dir: str | os.PathLike, mode: str = "write", **kw: Any) -> Connection:
+    """Connect to the ``tierstored`` whose run directory is ``run_dir``.
+    Raises ConnectionLost if none is listening there."""
+    return Connection(run_dir, mode, **kw)
