@@ -318,3 +318,45 @@ def test_sigint_also_stops_cleanly(tmp_path):
     assert svc.stop(signal.SIGINT) == 0
     with ts.Store(svc.data_dir) as store:  # the service released the store
         torch.testing.assert_close(store.lookup("a", torch.arange(10)), want, rtol=0, atol=0)
+
+
+def test_modules_through_service_equal_embedded(tmp_path, rng):
+    """TierEmbeddingBagCollection trained through tierstored from a TorchRec
+    KeyedJaggedTensor equals the plain keys/values/lengths path on the embedded Store."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    from tierstore.client import TierEmbeddingBagCollection
+    keys = ["u", "i"]
+    steps = []
+    for _ in range(4):
+        lengths = torch.from_numpy(rng.integers(0, 6, 2 * 32))
+        values = torch.from_numpy(rng.integers(0, 3000, int(lengths.sum())))
+        steps.append((values, lengths))
+
+    def train(conn, use_kjt):
+        ebc = TierEmbeddingBagCollection(conn, {"u": "user", "i": "item"})
+        outs = []
+        for values, lengths in steps:
+            if use_kjt:
+                out = ebc(KeyedJaggedTensor.from_lengths_sync(keys, values, lengths))
+            else:
+                out = ebc(keys, values, lengths)
+            loss = (out["u"] * out["i"]).sum() + out["u"].pow(2).sum()
+            loss.backward()
+            outs.append(torch.cat([out["u"], out["i"]], 1).detach().clone())
+        return outs, conn.lookup("user", torch.arange(3000)).clone()
+
+    svc = Service(tmp_path / "svc", ddr_bytes="256KiB").start()
+    try:
+        with svc.connect() as conn:
+            conn.create_table(_spec("user", rows=3000))
+            conn.create_table(_spec("item", rows=3000, opt=ts.SGD(lr=0.1)))
+            got, got_rows = train(conn, use_kjt=True)
+    finally:
+        svc.stop()
+    with ts.Store(tmp_path / "ref") as ref:
+        ref.create_table(_spec("user", rows=3000))
+        ref.create_table(_spec("item", rows=3000, opt=ts.SGD(lr=0.1)))
+        want, want_rows = train(ref, use_kjt=False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_rows, want_rows, rtol=0, atol=1e-5)
