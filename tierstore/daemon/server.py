@@ -14,6 +14,7 @@ socket and every segment 0600, and a peer of another uid is refused (SO_PEERCRED
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import itertools
 import logging
@@ -31,7 +32,7 @@ import torch
 from tierstore.config import TableSpec
 from tierstore.daemon import protocol
 from tierstore.daemon.config import ServiceConfig
-from tierstore.errors import InvalidInput, TierstoreError, UnknownTable
+from tierstore.errors import InvalidInput, InvalidSpec, TierstoreError, UnknownTable
 from tierstore.store import Store
 from tierstore.tiers import pins, shm
 from tierstore.tiers.ddr import DDRCache
@@ -259,6 +260,8 @@ class Service:
         """A client left (or died): its pins and ownerships go with it."""
         for name in list(c.attached):
             self._detach(c, name)
+        for name in [n for n, owner in self.writers.items() if owner == c.id]:
+            del self.writers[name]  # owned a table whose slab was re-planned meanwhile
         c.mailbox.close()
         shm.unlink(c.mailbox.name)
         self.clients.pop(c.id, None)
@@ -293,18 +296,30 @@ class Service:
             raise InvalidInput(f"request field {key!r} must be >= {minimum}, got {v}")
         return v
 
+    @staticmethod
+    def _spec(text: str) -> TableSpec:
+        try:
+            return TableSpec.from_json(text)
+        except InvalidSpec:
+            raise
+        except Exception as e:  # not JSON, not an object, fields missing or unknown
+            raise InvalidSpec(f"request field 'spec' is not a TableSpec in JSON "
+                              f"({type(e).__name__}: {e})") from None
+
     def _op_tables(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
         return {"tables": self.store.tables()}
 
     async def _op_create_table(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
-        spec = TableSpec.from_json(self._arg(msg, "spec", str))
+        spec = self._spec(self._arg(msg, "spec", str))
         async with self._replan:
             after = {n: o.spec for n, o in self.store._open.items()}
             after[spec.name] = spec
             if spec.name in self.store.tables():
                 self.store.create_table(spec)  # raises TableExists
-            await self._retire_changed(after)
-            self.store.create_table(spec)
+            self.store._check_fits(after)  # InvalidSpec before anything is retired
+            retired = await self._retire_changed(after)
+            with self._unretire_on_error(retired):
+                self.store.create_table(spec)
         log.info("client %d created table %s", c.id, spec.name)
         return {}
 
@@ -320,12 +335,23 @@ class Service:
                 if name in other.attached:
                     self._detach(other, name)
             after = {n: o.spec for n, o in self.store._open.items() if n != name}
-            await self._retire_changed(after)
-            self.store.drop_table(name)
+            retired = await self._retire_changed(after)
+            with self._unretire_on_error(retired):
+                self.store.drop_table(name)
         log.info("client %d dropped table %s", c.id, name)
         return {}
 
-    async def _retire_changed(self, after: dict[str, TableSpec]) -> None:
+    @contextlib.contextmanager
+    def _unretire_on_error(self, retired: list[DDRCache]):
+        """If the store operation fails, the retired slabs stay in service."""
+        try:
+            yield
+        except BaseException:
+            for cache in retired:
+                cache.ctrl[pins.RETIRED] = 0
+            raise
+
+    async def _retire_changed(self, after: dict[str, TableSpec]) -> list[DDRCache]:
         """Before the store re-plans DRAM: retire every attached slab whose capacity changes
         and wait until no client holds a pin in it (clients then attach again)."""
         shares = self.store._shares(after)
@@ -346,6 +372,7 @@ class Service:
                 if name in other.attached:
                     self._fold(name, other.attached[name])
                     other.attached.pop(name).close()
+        return [self.store._open[name].cache for name in changing]
 
     def _pinned(self, table: str) -> np.ndarray:
         cache = self.store._open[table].cache
@@ -427,15 +454,23 @@ class Service:
         k = self._arg(msg, "rows", int, 0)
         h = self._arg(msg, "hits", int, 0)
         n = self._arg(msg, "lookups", int, 0)
-        if n > self.cfg.max_batch or k > n:
-            raise InvalidInput(f"table {spec.name!r}: batch of {n} ids (rows {k}) is over the "
+        if n > self.cfg.max_batch:
+            raise InvalidInput(f"table {spec.name!r}: batch of {n} ids is over the "
                                f"service's max_batch ({self.cfg.max_batch})")
+        if k + h > n:
+            raise InvalidInput(f"table {spec.name!r}: {k} rows and {h} hit slots cannot come "
+                               f"from a batch of {n} lookups")
         rows = self._mailbox(c, 0, np.int64, (k,)).copy()
         off = 8 * k
         hits = self._mailbox(c, off, np.int64, (h,)).copy()
         self._check_rows(spec, rows)
+        if len(np.unique(rows)) != k:  # a row admitted twice would own two slots
+            raise InvalidInput(f"table {spec.name!r}: rows to resolve must be distinct")
         if h and (hits.min() < 0 or hits.max() >= cache.capacity):
             raise InvalidInput(f"table {spec.name!r}: hit slots out of range")
+        if h and (len(np.unique(hits)) != h or (cache.row_of_pos[hits + 1] < 0).any()):
+            # the policy would count a free slot as occupied and could hand it out twice
+            raise InvalidInput(f"table {spec.name!r}: hit slots must be distinct occupied slots")
         others = [(a.header, a.pins) for o in self.clients.values()
                   for name, a in o.attached.items() if name == spec.name and a.cache is cache]
         pos, bypass = cache.resolve_for_client(
