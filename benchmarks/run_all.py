@@ -1,6 +1,6 @@
 """Run the benchmarks and write BENCHMARKS.md.
 
-    python benchmarks/run_all.py --trace PATH [--only cache,lookup,train,scm] [--out BENCHMARKS.md]
+    python benchmarks/run_all.py --trace PATH [--only cache,lookup,train,scm,service] [--out BENCHMARKS.md]
 
 Each section stores its raw result in benchmarks/results/<section>.json; BENCHMARKS.md is
 rendered from every result file present, so sections can be re-run one at a time. Numbers are
@@ -24,7 +24,7 @@ CAPACITIES = [0.01, 0.05, 0.1, 0.25]
 
 
 def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
-    from tierstore.bench import cache, common, lookup, scm
+    from tierstore.bench import cache, common, lookup, scm, service
     started = time.time()
     if name == "cache":
         traces = ([trace] if trace else []) + ZIPF
@@ -35,6 +35,8 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
         res = lookup.run(train=True)
     elif name == "scm":
         res = {"reads": scm.bench_reads(), "overhead": scm.bench_overhead()}
+    elif name == "service":
+        res = service.run(progress=False)
     elif name == "kernels":
         import subprocess
         out = subprocess.run([sys.executable, os.path.join(HERE, "bench_kernels.py"), "--json"],
@@ -48,7 +50,8 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
         with open(out) as f:
             res = json.load(f)
     else:
-        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, kernels, shampoo")
+        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, kernels, "
+                         f"shampoo, service")
     res["environment"] = common.environment()
     res["seconds"] = round(time.time() - started, 1)
     res["command"] = f"python benchmarks/run_all.py --only {name}" + (
@@ -162,6 +165,41 @@ def render_kernels(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_service(res: dict[str, Any]) -> str:
+    from tierstore.bench.service import table
+    out = [table(res), ""]
+    if "two" in res:
+        r = res["two"]
+        solo = ", ".join(f"{x:.1f}" for x in r["solo_steps_per_s_by_round"])
+        pair = ", ".join(f"{a:.1f} + {b:.1f}" for a, b in r["pair_steps_per_s_by_round"])
+        out.append(f"- two processes: {r['rounds']} rounds of {r['window_s']:g} s windows, "
+                   f"process A alone then A and B together (each the writer of its own "
+                   f"{r['tables_per_process']} tables of the one service, all rows in DRAM); "
+                   f"steps/s alone by round: {solo}; together: {pair}. Ratio: median "
+                   f"aggregate over median alone.")
+        if "pair_cpu_share_by_round" in r:
+            sc = ", ".join(f"{x:.2f}" for x in r["solo_cpu_share_by_round"])
+            pc = ", ".join(f"{a:.2f} + {b:.2f}" for a, b in r["pair_cpu_share_by_round"])
+            out.append(f"  CPU time / wall time of the workers (1.00: a whole core) alone: {sc}; "
+                       f"together: {pc}; the service used {r['service_cpu_seconds']:.2f} s of CPU "
+                       f"over the part.")
+    if "scm" in res:
+        r = res["scm"]
+        out.append(f"- {r['dram_fraction']:g} DRAM: ddr_bytes {r['ddr_bytes']:,} "
+                   f"({r['rows_in_dram']:,} rows in DRAM), rest on SCM row files (page cache "
+                   f"warm); hit rate over the timed steps {r['hit_rate']:.3f}; timed interleaved "
+                   f"with the all-DRAM service.")
+    if "idle" in res:
+        r = res["idle"]
+        out.append(f"- idle: utime + stime of the service process from /proc over "
+                   f"{r['seconds']:.1f} s with {r['clients']} client attached to "
+                   f"{r['tables_attached']} tables and doing nothing.")
+    out.append("- forward is timed interleaved with nn.EmbeddingBag(mode=\"sum\") in this "
+               "process (no_grad), training with the embedded tierstore.Store; both after one "
+               "full pass over the batches so every row is resident.")
+    return "\n".join(out)
+
+
 SECTIONS = {
     "cache": ("Cache hit rates through the DRAM tier (issue 2, number 1)", render_cache),
     "lookup": ("Pooled lookup, all rows in DRAM (number 2)", render_lookup),
@@ -170,6 +208,8 @@ SECTIONS = {
     "scm": ("SCM reads and DRAM overhead (numbers 5 and 6)", render_scm),
     "kernels": ("Write path: fused numba kernel vs plain torch", render_kernels),
     "shampoo": ("Distributed Shampoo step time (issue 5)", render_shampoo),
+    "service": ("Through a running tierstored: lookup, training, two clients, 10% DRAM, idle",
+                render_service),
 }
 
 
@@ -194,7 +234,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", help="real trace for the cache section (one id per line)")
-    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo")
+    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo,service")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
     p.add_argument("--jobs", type=int, default=2, help="processes for the cache section")
     p.add_argument("--render-only", action="store_true")

@@ -3,6 +3,7 @@
     tierstore demo                         the engine end to end (what `make run` shows)
     tierstore bench cache --trace PATH|zipf:alpha=A,n=N,len=L,seed=S --capacity 0.01,0.1 ...
     tierstore bench lookup|train|scm       tierstore against nn.EmbeddingBag and FBGEMM
+    tierstore bench service [--only forward,train,two,scm,idle]   through a running tierstored
     tierstore stats --run-dir DIR [--json] figures of a running tierstored (like Redis INFO)
     tierstore stats --path DIR [--json]    per-table and per-tier figures of a store
 """
@@ -69,6 +70,20 @@ def cmd_bench_scm(a: argparse.Namespace) -> int:
         text += (f"{p}: {o['overhead_bytes_per_cached_row']:.2f} B/cached row + "
                  f"{o['index_bytes_per_table_row']:.1f} B/table row (index)\n")
     _emit(res, a.json, text)
+    return 0
+
+
+def cmd_bench_service(a: argparse.Namespace) -> int:
+    from tierstore.bench import service
+    try:
+        res = service.run(tables=a.tables, rows=a.rows, dim=a.dim, batch=a.batch,
+                          pooling=a.pooling, dist=a.dist, repeats=a.repeats, batches=a.batches,
+                          dram_fraction=a.dram_fraction, idle_seconds=a.idle_seconds,
+                          seconds=a.seconds, rounds=a.rounds, only=a.only,
+                          progress=not a.json)
+    except ValueError as e:
+        raise SystemExit(f"tierstore bench service: {e}") from None
+    _emit(res, a.json, service.table(res))
     return 0
 
 
@@ -172,6 +187,29 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--dim", type=int, default=64)
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_bench_scm)
+    v = bs.add_parser("service", help="through a running tierstored: forward vs nn.EmbeddingBag, "
+                      "training vs the embedded Store, two client processes, 10%% DRAM, idle CPU")
+    v.add_argument("--tables", type=int, default=26, help="tables (two: half per process)")
+    v.add_argument("--rows", type=int, default=100_000, help="rows per table")
+    v.add_argument("--dim", type=int, default=64)
+    v.add_argument("--batch", type=int, default=4096)
+    v.add_argument("--pooling", type=int, default=20)
+    v.add_argument("--dist", default="zipf:1.05", help="uniform or zipf:ALPHA")
+    v.add_argument("--repeats", "--steps", type=int, default=15,
+                   help="timed steps per median (forward, train, scm)")
+    v.add_argument("--batches", type=int, default=16, help="distinct batches steps cycle over")
+    v.add_argument("--dram-fraction", type=float, default=0.1,
+                   help="scm: DRAM holds this fraction of the rows")
+    v.add_argument("--idle-seconds", type=float, default=10.0,
+                   help="idle: how long to watch the idle service's CPU time")
+    v.add_argument("--seconds", type=float, default=4.0,
+                   help="two: wall time of each timing window")
+    v.add_argument("--rounds", type=int, default=3,
+                   help="two: rounds of (one process alone, two together)")
+    v.add_argument("--only", type=_words, default=["forward", "train", "two", "scm", "idle"],
+                   help="comma-separated parts: forward,train,two,scm,idle")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_bench_service)
     return p
 
 
