@@ -140,7 +140,7 @@ class Connection:
         writer of a table is refused with InvalidInput naming the current writer's pid."""
         mode = mode or self.mode
         if mode not in ("write", "read"):
-            raise ValueError(f"mode must be 'write' or 'read', got {mode!r}")
+            raise InvalidInput(f"attach mode must be 'write' or 'read', got {mode!r}")
         self._detach_local(table)
         reply = self._call({"op": "attach", "table": table, "mode": mode})
         t = AttachedTable(self, reply, writable=mode == "write")
