@@ -360,3 +360,23 @@ def test_modules_through_service_equal_embedded(tmp_path, rng):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_rows, want_rows, rtol=0, atol=1e-5)
+
+
+def test_small_mailbox_requests_go_in_chunks(tmp_path):
+    """A legal batch whose misses (and the rows sent back) exceed the mailbox is split into
+    several requests, with the same result as the embedded store."""
+    svc = Service(tmp_path / "svc", ddr_bytes="64KiB",
+                  extra=["--max-batch", "4000", "--mailbox-bytes", "32000"]).start()
+    ids = torch.from_numpy(np.random.default_rng(5).permutation(20_000)[:4000])
+    try:
+        with svc.connect() as conn:
+            conn.create_table(_spec())
+            conn.apply_gradients("t", ids, torch.ones(4000, 16))
+            got = conn.lookup("t", ids).clone()
+            assert conn.stats()["tables"]["t"]["bypassed"] > 0
+    finally:
+        svc.stop()
+    with ts.Store(tmp_path / "ref") as ref:
+        ref.create_table(_spec())
+        ref.apply_gradients("t", ids, torch.ones(4000, 16))
+        torch.testing.assert_close(got, ref.lookup("t", ids), rtol=0, atol=1e-6)

@@ -223,15 +223,39 @@ class Connection:
         arr = self._mailbox[offset: offset + nbytes].view(dtype).reshape(shape).copy()
         return arr, (offset + nbytes + 7) // 8 * 8
 
-    def _resolve(self, t: AttachedTable, rows: np.ndarray, hit_slots: np.ndarray,
+    def _resolve(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
                  lookups: int) -> tuple[np.ndarray, Bypass | None]:
+        """Ask the service for distinct missing ``rows``; in chunks that fit the mailbox with
+        the rows it may send back. ``hits`` (for the policy) go with the first chunk."""
         if lookups > self.max_batch:
             raise InvalidInput(f"table {t.name!r}: batch of {lookups} ids is over the "
                                f"service's max_batch ({self.max_batch})")
+        room = len(self._mailbox) // 2
+        hits = hits[: room // 8]  # a policy hint only: never crowd out the rows
+        per_row = 16 + t.spec.layout.np_dtype.itemsize * t.spec.dim + 4 * t.spec.layout.state_dim + 16
+        step = max(1, (len(self._mailbox) - 8 * len(hits) - 64) // per_row)
+        parts, bypasses = [], []
+        for start in range(0, max(len(rows), 1), step):
+            chunk = rows[start: start + step]
+            h = hits if start == 0 else hits[:0]
+            n = lookups - (len(rows) - len(chunk)) if start == 0 else len(chunk)
+            pos, bp = self._resolve_chunk(t, chunk, h, n)
+            parts.append(pos)
+            if bp is not None:
+                bypasses.append(bp)
+        pos = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if not bypasses:
+            return pos, None
+        return pos, Bypass(np.concatenate([b.rows for b in bypasses]),
+                           np.concatenate([b.w for b in bypasses]),
+                           np.concatenate([b.s for b in bypasses]))
+
+    def _resolve_chunk(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
+                       lookups: int) -> tuple[np.ndarray, Bypass | None]:
         off = self._put(0, rows.astype(np.int64, copy=False))
-        self._put(off, hit_slots.astype(np.int64, copy=False))
+        self._put(off, hits.astype(np.int64, copy=False))
         reply = self._call({"op": "resolve", "table": t.name, "rows": len(rows),
-                            "hits": len(hit_slots), "lookups": lookups, "seq": t.seq})
+                            "hits": len(hits), "lookups": lookups, "seq": t.seq})
         pos, off = self._get(0, np.int64, (len(rows),))
         b = reply["bypass"]
         if not b:
@@ -242,12 +266,17 @@ class Connection:
         return pos, Bypass(brows, w, s)
 
     def _apply(self, t: AttachedTable, rows: np.ndarray, summed: np.ndarray) -> None:
+        """The service applies the optimizer to ``rows`` with their summed gradients (in
+        chunks that fit the mailbox)."""
         if len(rows) > self.max_batch:
             raise InvalidInput(f"table {t.name!r}: {len(rows)} rows is over the service's "
                                f"max_batch ({self.max_batch})")
-        off = self._put(0, rows.astype(np.int64, copy=False))
-        self._put(off, summed.astype(np.float32, copy=False))
-        self._call({"op": "apply", "table": t.name, "rows": len(rows)})
+        step = max(1, (len(self._mailbox) - 64) // (8 + 4 * t.spec.dim))
+        for start in range(0, len(rows), step):
+            r = rows[start: start + step]
+            off = self._put(0, r.astype(np.int64, copy=False))
+            self._put(off, summed[start: start + step].astype(np.float32, copy=False))
+            self._call({"op": "apply", "table": t.name, "rows": len(r)})
 
     # -- service-wide ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

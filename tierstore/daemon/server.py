@@ -91,6 +91,7 @@ class Service:
         self._stop: asyncio.Event | None = None
         self._started = time.time()
         self._prefix = ""
+        self._tasks: set[asyncio.Task] = set()
 
     # -- start and stop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -125,6 +126,9 @@ class Service:
             await self._stop.wait()
             log.info("stopping: no new requests; writing back dirty rows")
             server.close()
+            for task in list(self._tasks):  # hang up on every client
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
             self._shutdown()
 
@@ -174,6 +178,7 @@ class Service:
     # -- connections --------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client: Client | None = None
+        self._tasks.add(asyncio.current_task())
         try:
             refusal = self._check_peer(writer)
             if refusal:
@@ -199,7 +204,10 @@ class Service:
                 await self._send(writer, reply)
         except (ConnectionError, BrokenPipeError):
             pass
+        except asyncio.CancelledError:
+            pass  # the service is stopping
         finally:
+            self._tasks.discard(asyncio.current_task())
             if client is not None:
                 self._drop_client(client)
             writer.close()
@@ -258,13 +266,14 @@ class Service:
 
     def _drop_client(self, c: Client) -> None:
         """A client left (or died): its pins and ownerships go with it."""
+        if self.clients.pop(c.id, None) is None:
+            return  # already dropped
         for name in list(c.attached):
             self._detach(c, name)
         for name in [n for n, owner in self.writers.items() if owner == c.id]:
             del self.writers[name]  # owned a table whose slab was re-planned meanwhile
         c.mailbox.close()
         shm.unlink(c.mailbox.name)
-        self.clients.pop(c.id, None)
         log.info("client %d (pid %d) disconnected", c.id, c.pid)
 
     # -- requests -------------------------------------------------------------------------------
