@@ -131,6 +131,17 @@ class LmdbRows:
     def flush(self) -> None:
         self.env.sync(True)
 
+    def written_rows(self) -> np.ndarray:
+        """Sorted ids of every stored row."""
+        with self.env.begin(db=self.db) as txn:
+            keys = b"".join(txn.cursor().iternext(keys=True, values=False))
+        return np.frombuffer(keys, dtype=">u8").astype(np.int64)
+
+    def clear(self) -> None:
+        """Delete every stored row (they read as initial values again)."""
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.db, delete=False)
+
     def rows_written(self) -> int:
         with self.env.begin() as txn:
             return txn.stat(self.db)["entries"]

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tierstore import ops
+from tierstore import checks, ops
 from tierstore.cache.admit_all import AdmitAll
 from tierstore.catalog import Catalog, LmdbRows
 from tierstore.config import TableSpec
-from tierstore.errors import InvalidSpec, StoreLocked, TierstoreError, UnknownTable
+from tierstore.errors import InvalidInput, InvalidSpec, StoreLocked, TierstoreError, UnknownTable
 from tierstore.tiers.ddr import DDRCache
 from tierstore.tiers.rowfile import RowFile
 
@@ -191,6 +191,7 @@ class Store:
                 continue
             if entry.cache is not None:
                 entry.cache.flush_dirty()
+                entry.cache.fold_all_modified()
                 entry.cache.close()
             entry.cache = self._new_cache(entry, rows)
 
@@ -203,7 +204,9 @@ class Store:
             policy = make_policy(self.policy, rows, **self.policy_options)
         self._generation += 1
         prefix = f"tierstore.{self.catalog.store_id[:12]}.{os.getpid()}.{self._generation}"
-        return DDRCache(spec, rows, entry.backing, policy, prefix, unlink=self.shm_unlink)
+        tracker = entry.cache.tracker if entry.cache is not None else None
+        return DDRCache(spec, rows, entry.backing, policy, prefix, unlink=self.shm_unlink,
+                        tracker=tracker)
 
     def _entry(self, table: str | Table) -> _Open:
         self._check_open()
@@ -251,6 +254,63 @@ class Store:
         e = self._entry(table)
         ops.apply_pooled_gradients(e.cache, e.spec, indices, offsets, grad_output, mode,
                                    per_sample_weights, include_last_offset)
+
+    # -- rows for checkpoints (tierstore/ckpt) -----------------------------------------------
+    def take_modified(self, table: str | Table) -> np.ndarray:
+        """Sorted distinct row ids modified since the previous call (or since the table was
+        opened); clears the record, so each modification is reported once."""
+        return self._entry(table).cache.take_modified()
+
+    def read_rows(self, table: str | Table, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Current (weights [n, dim] of the table dtype, state [n, state_dim] float32) of
+        ``rows`` wherever they live; no admission, no counters. Raises InvalidInput."""
+        e = self._entry(table)
+        r = checks.ids(rows, e.spec).numpy()
+        return e.cache.read_rows(r)
+
+    def written_rows(self, table: str | Table) -> np.ndarray:
+        """Sorted ids of every row whose value may differ from its initial value (written to
+        SCM at some point, or updated in DRAM): what a full checkpoint must hold."""
+        e = self._entry(table)
+        c = e.cache
+        dirty = np.flatnonzero(c.dirty)
+        return np.union1d(e.backing.written_rows(), c.row_of_pos[dirty].astype(np.int64))
+
+    def write_rows(self, table: str | Table, rows: Any, weights: np.ndarray,
+                   state: np.ndarray) -> None:
+        """Set rows (distinct ids) to the given weights and optimizer state, wherever they
+        live; not counted as modifications (restore uses it). Raises InvalidInput."""
+        e = self._entry(table)
+        r = checks.ids(rows, e.spec).numpy()
+        w = np.ascontiguousarray(weights, dtype=e.spec.layout.np_dtype)
+        st = np.ascontiguousarray(state, dtype=np.float32)
+        if w.shape != (len(r), e.spec.dim) or st.shape != (len(r), e.spec.layout.state_dim):
+            raise InvalidInput(f"table {e.spec.name!r}: write_rows needs weights "
+                               f"[{len(r)}, {e.spec.dim}] and state "
+                               f"[{len(r)}, {e.spec.layout.state_dim}]")
+        if len(np.unique(r)) != len(r):
+            raise InvalidInput(f"table {e.spec.name!r}: write_rows needs distinct ids")
+        pos = e.cache.positions(r)
+        res = pos > 0
+        if res.any():
+            p = pos[res]
+            e.cache.weights[p] = w[res]
+            e.cache.state[p] = st[res]
+            e.cache.dirty[p] = 1
+        e.backing.write(r[~res], w[~res], st[~res])
+
+    def reset_table(self, table: str | Table) -> None:
+        """Every row back to its initial value with zero optimizer state (DRAM emptied, SCM
+        cleared, modification record cleared). The table's spec is kept."""
+        e = self._entry(table)
+        e.cache.close()
+        e.backing.clear()
+        tracker = e.cache.tracker
+        tracker.clear()
+        capacity = e.cache.capacity
+        e.cache = None
+        e.cache = self._new_cache(e, capacity)
+        e.cache.tracker = tracker
 
     # -- durability ------------------------------------------------------------------------
     def flush(self) -> None:

@@ -66,7 +66,8 @@ class AttachedTable(SlabWriter):
         cap1 = self.capacity + 1
         meta = self._attach(lay["meta"], writable).reshape(-1)
         id_size = np.dtype(lay["id_dtype"]).itemsize
-        self.dirty = meta[id_size * cap1:]
+        self.dirty = meta[id_size * cap1: (id_size + 1) * cap1]
+        self.modified = meta[(id_size + 1) * cap1:]
         self.ctrl = self._attach(lay["ctrl"], False)
         self.index = self._attach(lay["index"], False) if lay["index"] else None
         pin_name, pin_bytes = reply["pins"]

@@ -81,11 +81,12 @@ def _update_row(kind, p, j, acc, w, state, lr, eps, weight_decay):
 
 
 @numba.njit(fastmath=_FASTMATH, **_JIT)
-def apply_rows(kind, pos, src, scale, grad, w, state, dirty, lr, eps, weight_decay, mark, acc,
-               upos):
+def apply_rows(kind, pos, src, scale, grad, w, state, dirty, modified, lr, eps, weight_decay,
+               mark, acc, upos):
     """Sum contributions per slab row, then apply the optimizer to each distinct row.
 
     Contribution i adds ``scale[i] * grad[src[i]]`` (scale empty: 1) to slab row ``pos[i]``;
+    each updated row gets its ``dirty`` (write-back) and ``modified`` (checkpoint) flags set;
     a row's contributions are summed in input order. Scratch: mark int64[len(w)] (all -1;
     restored), acc float32[>= len(pos), dim], upos int64[>= len(pos)]. Both passes prefetch
     PREFETCH_DISTANCE rows ahead: random row access is memory-latency bound (measured 1.4-2x).
@@ -127,7 +128,8 @@ def apply_rows(kind, pos, src, scale, grad, w, state, dirty, lr, eps, weight_dec
         p = upos[j]
         mark[p] = -1
         _update_row(kind, p, j, acc, w, state, lr32, eps32, wd32)
-        dirty[p] = 1
+        dirty[p] = 1  # after the row: a concurrent write-back clears, then reads (pins.py)
+        modified[p] = 1
     return u
 
 

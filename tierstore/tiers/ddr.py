@@ -26,6 +26,7 @@ import torch
 
 from tierstore.cache.base import CachePolicy
 from tierstore.cache.slots import distinct_in_order
+from tierstore.ckpt.tracker import ModifiedRows
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
@@ -73,6 +74,7 @@ class SlabWriter:
     weights: np.ndarray
     state: np.ndarray
     dirty: np.ndarray
+    modified: np.ndarray
 
     def _init_scratch(self) -> None:
         self._mark = np.full(self.weights.shape[0], -1, dtype=np.int64)
@@ -89,6 +91,7 @@ class SlabWriter:
         opt = self.spec.optimizer
         acc, upos = self._scratch(len(pos))
         kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
+                           self.modified,
                            opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
                            self._mark, acc, upos)
 
@@ -111,14 +114,18 @@ class SlabWriter:
         self.weights[upos] = w.numpy().astype(self.weights.dtype)
         self.state[upos] = s.numpy()
         self.dirty[upos] = 1
+        self.modified[upos] = 1
 
 
 class DDRCache(SlabWriter):
     """The DRAM tier of one table. One owner process mutates it; see module docstring."""
 
     def __init__(self, spec: TableSpec, capacity: int, backing, policy: CachePolicy,
-                 shm_prefix: str, *, unlink: bool = True) -> None:
+                 shm_prefix: str, *, unlink: bool = True,
+                 tracker: ModifiedRows | None = None) -> None:
         self.spec = spec
+        #: rows modified since the last checkpoint that are no longer (or never were) in a slot
+        self.tracker = tracker or ModifiedRows(spec.num_rows, spec.id_space == "dense")
         self.layout = spec.layout
         self.capacity = int(capacity)
         self.backing = backing
@@ -129,7 +136,7 @@ class DDRCache(SlabWriter):
         self._segments = [
             shm.create(f"{shm_prefix}.w", (cap1, spec.dim), self.layout.np_dtype, unlink=unlink),
             shm.create(f"{shm_prefix}.s", (cap1, self.layout.state_dim), np.float32, unlink=unlink),
-            shm.create(f"{shm_prefix}.meta", (cap1, id_type.itemsize + 1), np.uint8,
+            shm.create(f"{shm_prefix}.meta", (cap1, id_type.itemsize + 2), np.uint8,
                        unlink=unlink),
             shm.create(f"{shm_prefix}.ctrl", (pins.CTRL_WORDS,), np.int64, unlink=unlink),
         ]
@@ -142,7 +149,9 @@ class DDRCache(SlabWriter):
         meta = self._segments[2].array.reshape(-1)
         self.row_of_pos = meta[: id_type.itemsize * cap1].view(id_type)
         self.row_of_pos[:] = -1
-        self.dirty = meta[id_type.itemsize * cap1:]
+        self.dirty = meta[id_type.itemsize * cap1: (id_type.itemsize + 1) * cap1]
+        #: 1 = updated since the last checkpoint (folded into ``tracker`` on eviction)
+        self.modified = meta[(id_type.itemsize + 1) * cap1:]
         self.weights_t = torch.from_numpy(self.weights)
         if spec.id_space == "dense":
             self.index: DenseIndex | HashIndex = DenseIndex(spec.num_rows, f"{shm_prefix}.idx",
@@ -243,9 +252,17 @@ class DDRCache(SlabWriter):
             dp = pos[dirty]
             self.backing.write(rows[dirty], self.weights[dp], self.state[dp])
             self.counters["writebacks"] += len(dp)
+        self._fold_modified(pos, rows)
         self.index.remove(rows)
         self.row_of_pos[pos] = -1
         self.counters["evictions"] += len(rows)
+
+    def _fold_modified(self, pos: np.ndarray, rows: np.ndarray) -> None:
+        """Move the modified flags of slots ``pos`` (holding ``rows``) into the tracker."""
+        mod = self.modified[pos] != 0
+        if mod.any():
+            self.tracker.add(rows[mod])
+            self.modified[pos[mod]] = 0
 
     # -- writes ----------------------------------------------------------------------------
     def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
@@ -273,6 +290,7 @@ class DDRCache(SlabWriter):
         wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
         self.spec.optimizer.update(wt, st, summed)
         self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
+        self.tracker.add(rows)
 
     # -- durability ------------------------------------------------------------------------
     def flush_dirty(self) -> int:
@@ -286,6 +304,33 @@ class DDRCache(SlabWriter):
             self.backing.write(self.row_of_pos[pos], self.weights[pos], self.state[pos])
             self.counters["writebacks"] += len(pos)
         return len(pos)
+
+    def take_modified(self) -> np.ndarray:
+        """Sorted distinct rows modified since the last call (or since open); clears the
+        record. Flags are cleared before the caller reads the rows, so a concurrent update
+        (a client writing the slab) is either read now or marked again for next time."""
+        pos = np.flatnonzero(self.modified)
+        if len(pos):
+            self.modified[pos] = 0
+            pins.fence()
+            self.tracker.add(self.row_of_pos[pos].astype(np.int64))
+        return self.tracker.take()
+
+    def fold_all_modified(self) -> None:
+        """Before this tier is closed: keep every slot's modified flag in the tracker."""
+        pos = np.flatnonzero(self.modified)
+        self._fold_modified(pos, self.row_of_pos[pos].astype(np.int64))
+
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Current weights and state of ``rows`` (DRAM if resident, else SCM), without
+        admitting anything or counting lookups."""
+        w, s = self.backing.read(rows)
+        pos = self.positions(rows)
+        res = pos > 0
+        if res.any():
+            w[res] = self.weights[pos[res]]
+            s[res] = self.state[pos[res]]
+        return w, s
 
     def dirty_rows(self) -> int:
         return int(np.count_nonzero(self.dirty))
@@ -319,7 +364,7 @@ class DDRCache(SlabWriter):
             "capacity": self.capacity,
             "weights": [self._segments[0].name, [cap1, self.spec.dim], self.layout.np_dtype.str],
             "state": [self._segments[1].name, [cap1, self.layout.state_dim], "<f4"],
-            "meta": [self._segments[2].name, [cap1, self.id_dtype.itemsize + 1], "|u1"],
+            "meta": [self._segments[2].name, [cap1, self.id_dtype.itemsize + 2], "|u1"],
             "ctrl": [self._segments[3].name, [pins.CTRL_WORDS], "<i8"],
             "index": ([self.index.segment.name, [self.spec.num_rows], "<i4"]
                       if isinstance(self.index, DenseIndex) else None),

@@ -94,6 +94,20 @@ class RowFile:
         self._apply(rows, rec, count)
         os.pwrite(self.jfd, b"\0" * 8, 0)  # journal record applied: disarm it
 
+    def written_rows(self) -> np.ndarray:
+        """Sorted ids of rows ever written (reads one byte per record: the whole file)."""
+        return np.flatnonzero(self.records[:, self.layout.flag_offset]).astype(np.int64)
+
+    def clear(self) -> None:
+        """Every row back to never-written (the file becomes sparse zeros again)."""
+        size = HEADER + self.spec.num_rows * self.layout.record_bytes
+        os.pwrite(self.jfd, b"\0" * 8, 0)
+        os.ftruncate(self.fd, HEADER)
+        os.ftruncate(self.fd, size)
+        self.written = 0
+        self.mm[24:32] = struct.pack("<Q", 0)
+        self.mm.flush()
+
     def _apply(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
         self.records[rows] = rec
         self.written = count

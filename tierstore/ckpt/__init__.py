@@ -1,0 +1,2 @@
+"""Incremental, quantized checkpoints (Check-N-Run): modified-row tracking, policies, writer,
+reader."""

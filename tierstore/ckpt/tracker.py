@@ -1,0 +1,54 @@
+"""Which rows of a table changed since the last checkpoint.
+
+The write path marks rows in two places, both cheap enough to leave on always:
+
+- a row updated in DRAM gets its slot's ``modified`` flag set by the update kernel (beside the
+  ``dirty`` flag; a client writing the shared slab sets it too), and the flag is folded into
+  this tracker when the slot is evicted or a checkpoint is taken;
+- a row updated on SCM (not admitted to DRAM) is added here directly.
+
+Dense tables keep one byte per row (np.zeros: pages that are never marked cost nothing);
+sparse-id tables keep a list of id arrays, compacted as it grows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_COMPACT_AT = 1 << 20  # ids buffered before a sparse tracker deduplicates
+
+
+class ModifiedRows:
+    """Set of row ids modified since the last :meth:`take`."""
+
+    def __init__(self, num_rows: int, dense: bool) -> None:
+        self.dense = dense
+        self._flags = np.zeros(num_rows, dtype=np.uint8) if dense else None
+        self._parts: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Mark ``rows`` (int64 ids, duplicates allowed)."""
+        if len(rows) == 0:
+            return
+        if self.dense:
+            self._flags[rows] = 1
+            return
+        self._parts.append(np.asarray(rows, dtype=np.int64).copy())
+        self._buffered += len(rows)
+        if self._buffered >= _COMPACT_AT:
+            merged = np.unique(np.concatenate(self._parts))
+            self._parts, self._buffered = [merged], len(merged)
+
+    def take(self) -> np.ndarray:
+        """Sorted distinct ids marked since the last take; clears the set."""
+        if self.dense:
+            rows = np.flatnonzero(self._flags).astype(np.int64)
+            self._flags[rows] = 0
+            return rows
+        rows = np.unique(np.concatenate(self._parts)) if self._parts else np.empty(0, np.int64)
+        self._parts, self._buffered = [], 0
+        return rows
+
+    def clear(self) -> None:
+        self.take()
