@@ -1,0 +1,328 @@
+"""tierstore.quant: per-row checkpoint quantization (schemes, packing, search, state, bit policy)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tierstore import quant as q
+from tierstore.quant import EncodedRows, Scheme
+
+QUANT_SCHEMES = [Scheme(k, b) for k in q.QUANTS for b in q.QUANT_BITS]
+ALL_SCHEMES = [Scheme("fp32", 32), Scheme("fp16", 16)] + QUANT_SCHEMES
+EPS32 = 2.0 ** -23
+
+
+def _ids(schemes):
+    return [s.name for s in schemes]
+
+
+def mixed_rows(rng, n=300, dim=37):
+    """Gaussian rows of varied scale and offset, plus the awkward ones: constant, zero, a wide
+    range, one outlier, values that are not float16-representable."""
+    x = rng.standard_normal((n, dim)) * rng.uniform(0.01, 3, (n, 1)) + rng.uniform(-1, 1, (n, 1))
+    x[0] = 0.0
+    x[1] = 0.3                      # constant, not a float16 value
+    x[2] = -1234.5678
+    x[3] = np.linspace(-300, 500, dim)
+    x[4, 5] = 40.0                  # an outlier
+    x[5] = rng.uniform(1.0, 1.001, dim)  # narrow range far from zero
+    x[6] = rng.standard_normal(dim) * 1e-40  # float32 subnormals: a range of 1e-40 bins
+    return x.astype(np.float32)
+
+
+# --- schemes --------------------------------------------------------------------------------
+
+def test_scheme_parse_and_json():
+    assert Scheme.parse(32, "adaptive") == Scheme("fp32", 32)
+    assert Scheme.parse(16, "uniform") == Scheme("fp16", 16)
+    assert Scheme.parse(32, "none") == Scheme("fp32", 32)
+    for quant in q.QUANTS:
+        for bits in q.QUANT_BITS:
+            s = Scheme.parse(bits, quant)
+            assert (s.kind, s.bits) == (quant, bits) and s.quantized
+            assert s.name == f"{quant}{bits}"
+    for s in ALL_SCHEMES:
+        assert Scheme.from_json(s.to_json()) == s
+        assert Scheme.from_json(json.dumps(s.to_json())) == s
+
+
+@pytest.mark.parametrize("bits,quant", [(5, "uniform"), (1, "adaptive"), (0, "kmeans"),
+                                        (64, "uniform"), (4, "gptq"), (4, "none"), (32, "adaptiv"),
+                                        (4.0, "uniform"), (True, "uniform"), ("4", "uniform")])
+def test_scheme_parse_rejects(bits, quant):
+    with pytest.raises(ValueError):
+        Scheme.parse(bits, quant)
+
+
+def test_scheme_constructor_and_json_reject():
+    for kind, bits in [("uniform", 16), ("fp16", 32), ("fp32", 8), ("int4", 4), ("kmeans", 5)]:
+        with pytest.raises(ValueError):
+            Scheme(kind, bits)
+    for bad in ['{"kind": "uniform"}', {"kind": "uniform", "bits": 4, "x": 1}, "[1]"]:
+        with pytest.raises(ValueError):
+            Scheme.from_json(bad)
+
+
+# --- round trips ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=_ids(ALL_SCHEMES))
+def test_round_trip(scheme, rng):
+    x = mixed_rows(rng)
+    enc = q.encode(x, scheme)
+    assert (enc.n, enc.dim, enc.scheme) == (x.shape[0], x.shape[1], scheme)
+    dec = q.decode(enc)
+    assert dec.shape == x.shape and dec.dtype == np.float32 and np.isfinite(dec).all()
+    assert enc.nbytes == scheme.row_bytes(x.shape[1]) * x.shape[0]
+    if scheme.kind == "fp32":
+        np.testing.assert_array_equal(dec, x)
+        return
+    if scheme.kind == "fp16":
+        np.testing.assert_array_equal(dec, x.astype(np.float16).astype(np.float32))
+        return
+    top = (1 << scheme.bits) - 1
+    assert enc.codes.dtype == np.uint8 and enc.codes.shape == (x.shape[0], -(-x.shape[1] * scheme.bits // 8))
+    if scheme.kind == "kmeans":
+        assert enc.centroids.dtype == np.float16 and enc.centroids.shape == (x.shape[0], top + 1)
+        assert (np.diff(enc.centroids.astype(np.float32), axis=1) >= 0).all()
+        for i in range(x.shape[0]):    # every value decodes to its nearest centroid
+            c = enc.centroids[i].astype(np.float32)
+            nearest = np.abs(x[i][:, None] - c[None, :]).min(axis=1)
+            np.testing.assert_allclose(np.abs(x[i] - dec[i]), nearest, rtol=0, atol=1e-6)
+        return
+    assert enc.scale.dtype == np.float16 and enc.bias.dtype == np.float16
+    s = enc.scale.astype(np.float32)[:, None]
+    b = enc.bias.astype(np.float32)[:, None]
+    # constant rows: scale 0, all codes 0, the value rounded to the nearest float16
+    for i in (0, 1, 2):
+        assert enc.scale[i] == 0 and not enc.codes[i].any()
+        np.testing.assert_array_equal(dec[i], x[i].astype(np.float16).astype(np.float32))
+    if scheme.kind == "uniform":
+        slack = 4 * EPS32 * (np.abs(x) + np.abs(b) + top * s)
+        assert (np.abs(x - dec) <= s / 2 + slack)[3:].all()     # rows 0-2 are constant
+        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        assert (b <= lo)[3:].all() and (b + top * s >= hi * (1 - 1e-6) - 1e-6)[3:].all()
+    else:  # adaptive: on the trimmed range; values outside it clamp to its ends
+        assert (dec >= b - 1e-6).all() and (dec <= b + top * s + 1e-4 * (1 + np.abs(b))).all()
+        width = (x.max(axis=1) - x.min(axis=1))[:, None]
+        assert (top * s >= (1 - q.MAX_TRIM) * width * (1 - 2e-3)).all()   # at most 16% trimmed
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=_ids(ALL_SCHEMES))
+def test_empty_and_other_dtypes(scheme, rng):
+    enc = q.encode(np.zeros((0, 9), np.float32), scheme)
+    assert enc.n == 0 and q.decode(enc).shape == (0, 9)
+    x = rng.standard_normal((20, 9))
+    np.testing.assert_array_equal(q.decode(q.encode(x, scheme)),
+                                  q.decode(q.encode(x.astype(np.float32), scheme)))
+    one = q.decode(q.encode(x[:1, :1], scheme))     # dim 1
+    assert one.shape == (1, 1) and np.isfinite(one).all()
+
+
+def test_large_values_saturate_never_inf():
+    x = np.array([[1e5, -2e5, 3.0, 0.0], [7e4, 7e4, 7e4, 7e4]], np.float32)
+    for scheme in ALL_SCHEMES[1:]:
+        dec = q.decode(q.encode(x, scheme))
+        assert np.isfinite(dec).all() and (np.abs(dec) <= 1.001 * q.FP16_MAX).all()
+
+
+@pytest.mark.parametrize("bits", q.QUANT_BITS)
+@pytest.mark.parametrize("dim", [1, 3, 5, 8, 11, 16, 21, 64, 67])
+def test_packing_layout(bits, dim, rng):
+    """Value j of a row sits at bits [j*bits, (j+1)*bits) of the row's little-endian stream."""
+    top = (1 << bits) - 1
+    c = rng.integers(0, top + 1, (4, dim))
+    c[:, 0], c[:, -1] = 0, top                   # range [0, top]: scale 1, bias 0, codes = values
+    if dim == 1:
+        c[:, 0] = 0                              # a constant row: code 0
+    enc = q.encode(c.astype(np.float32), Scheme("uniform", bits))
+    assert enc.codes.shape == (4, (dim * bits + 7) // 8)
+    for i in range(4):
+        stream = sum(int(v) << (j * bits) for j, v in enumerate(c[i]))
+        want = stream.to_bytes(enc.codes.shape[1], "little")
+        assert bytes(enc.codes[i]) == want
+    if dim > 1:
+        np.testing.assert_array_equal(q.decode(enc), c.astype(np.float32))
+    if bits == 3 and dim == 8:
+        assert enc.codes.shape[1] == 3          # 8 values in 3 bytes
+
+
+# --- adaptive and k-means quality -----------------------------------------------------------
+
+def _errs(x, scheme):
+    return q.row_errors(x, q.decode(q.encode(x, scheme)))
+
+
+@pytest.mark.parametrize("bits", q.QUANT_BITS)
+def test_adaptive_never_worse_than_uniform(bits, rng):
+    gauss = rng.standard_normal((2000, 64)).astype(np.float32)
+    flat = rng.uniform(-1, 1, (500, 64)).astype(np.float32)
+    spiky = gauss[:500].copy()
+    spiky[np.arange(500), rng.integers(0, 64, 500)] *= 8.0
+    for x in (gauss, flat, spiky, mixed_rows(rng)):
+        u, a = _errs(x, Scheme("uniform", bits)), _errs(x, Scheme("adaptive", bits))
+        assert (a <= u * (1 + 1e-9) + 1e-12).all(), np.max(a - u)
+    if bits < 8:  # rows with tails (Gaussian, outliers): strictly lower on average
+        for x in (gauss, spiky):
+            u, a = _errs(x, Scheme("uniform", bits)), _errs(x, Scheme("adaptive", bits))
+            assert a.mean() < 0.97 * u.mean()
+
+
+def test_adaptive_search_trims_an_outlier():
+    x = np.zeros((1, 64), np.float32)
+    x[0, :63] = np.linspace(-1, 1, 63)
+    x[0, 63] = 1.3                              # the max sits alone above the rest
+    enc = q.encode(x, Scheme("adaptive", 2))
+    hi = float(enc.bias[0]) + 3 * float(enc.scale[0])
+    assert hi < 1.3 - 0.1 and hi >= 1.3 - 0.16 * 2.3 - 1e-2
+    assert _errs(x, Scheme("adaptive", 2))[0] < _errs(x, Scheme("uniform", 2))[0]
+
+
+@pytest.mark.parametrize("bits", q.QUANT_BITS)
+def test_kmeans_not_worse_than_adaptive_on_average(bits, rng):
+    x = rng.standard_normal((400, 64)).astype(np.float32)
+    a, k = _errs(x, Scheme("adaptive", bits)), _errs(x, Scheme("kmeans", bits))
+    assert k.mean() <= a.mean()
+
+
+def test_error_ordering_by_bits(rng):
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    for kind in q.QUANTS:
+        errs = [q.reconstruction_error(x, Scheme(kind, b)) for b in q.QUANT_BITS]
+        assert errs == sorted(errs, reverse=True)
+    assert q.reconstruction_error(x, Scheme("fp32", 32)) == 0.0
+    assert 0 < q.reconstruction_error(x, Scheme("fp16", 16)) < 1e-3
+    assert q.reconstruction_error(x, Scheme("uniform", 8)) < 0.01
+
+
+def test_reconstruction_error_definition(rng):
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    x[3] = 0.0
+    s = Scheme("uniform", 3)
+    dec = q.decode(q.encode(x, s))
+    want = np.linalg.norm((x - dec).astype(np.float64), axis=1) / np.maximum(
+        np.linalg.norm(x.astype(np.float64), axis=1), 1e-300)
+    want[3] = np.linalg.norm(dec[3])
+    assert q.reconstruction_error(x, s) == pytest.approx(want.mean(), rel=1e-9)
+    assert q.reconstruction_error(np.zeros((0, 4), np.float32), s) == 0.0
+
+
+# --- serialization --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=_ids(ALL_SCHEMES))
+def test_bytes_round_trip(scheme, rng):
+    for x in (mixed_rows(rng, n=40, dim=13), np.zeros((0, 5), np.float32)):
+        enc = q.encode(x, scheme)
+        buf = enc.to_bytes()
+        assert len(buf) == 24 + enc.nbytes
+        back = EncodedRows.from_bytes(buf)
+        assert (back.scheme, back.n, back.dim) == (scheme, enc.n, enc.dim)
+        np.testing.assert_array_equal(q.decode(back), q.decode(enc))
+        np.testing.assert_array_equal(q.decode(EncodedRows.from_bytes(bytearray(buf))),
+                                      q.decode(enc))
+
+
+def test_from_bytes_rejects_bad_buffers(rng):
+    buf = q.encode(rng.standard_normal((10, 8)).astype(np.float32), Scheme("adaptive", 3)).to_bytes()
+    bad = [buf[:-1], buf + b"\0", buf[:10], b"", b"XXXX" + buf[4:],
+           buf[:4] + bytes([9]) + buf[5:],            # version
+           buf[:5] + bytes([77]) + buf[6:],           # kind
+           buf[:6] + bytes([5]) + buf[7:]]            # bits
+    for b in bad:
+        with pytest.raises(ValueError):
+            EncodedRows.from_bytes(b)
+    enc = q.encode(rng.standard_normal((10, 8)).astype(np.float32), Scheme("uniform", 4))
+    enc.scale = enc.scale[:5]
+    with pytest.raises(ValueError):
+        enc.to_bytes()
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=_ids(ALL_SCHEMES))
+def test_bad_input(scheme):
+    x = np.ones((4, 8), np.float32)
+    for v in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[2, 3] = v
+        with pytest.raises(ValueError, match="NaN or inf"):
+            q.encode(y, scheme)
+    for bad in (np.ones(8, np.float32), np.ones((2, 2, 2), np.float32), np.ones((4, 8), np.int32),
+                np.ones((4, 0), np.float32), [[1.0, float("nan")]]):
+        with pytest.raises(ValueError):
+            q.encode(bad, scheme)
+    with pytest.raises(ValueError):
+        q.encode(x, "uniform4")
+    with pytest.raises(ValueError):    # float64 beyond float32's range is not finite either
+        q.encode(np.full((1, 2), 1e300), scheme)
+
+
+# --- optimizer state ------------------------------------------------------------------------
+
+def test_state_encoding(rng):
+    st = (rng.standard_normal((100, 3)) ** 2 * 10).astype(np.float32)
+    st[0, 0] = 1e6                              # Adagrad sums grow large
+    st[1, 1] = 1e-9                             # ... and start tiny
+    st[2, 2] = 0.0
+    e32 = q.encode_state(st, "fp32")
+    assert e32.scheme == Scheme("fp32", 32)
+    np.testing.assert_array_equal(q.decode_state(e32), st)
+    e16 = q.encode_state(st, "fp16")
+    assert e16.scheme == Scheme("fp16", 16) and e16.values.dtype == np.float16
+    d16 = q.decode_state(e16)
+    assert d16.dtype == np.float32 and np.isfinite(d16).all() and (d16 >= 0).all()
+    assert d16[0, 0] == q.FP16_MAX
+    mask = st < q.FP16_MAX
+    np.testing.assert_allclose(d16[mask], st[mask], rtol=2 ** -11, atol=2 ** -24)
+    back = q.decode_state(EncodedRows.from_bytes(e16.to_bytes()))
+    np.testing.assert_array_equal(back, d16)
+    assert q.encode_state(np.float32([1e9, -1e9]), "float16").values.tolist() == [[65504], [-65504]]
+    flat = q.decode_state(q.encode_state(st[:, 0], "fp32"))   # row-wise Adagrad: one per row
+    assert flat.shape == (100, 1)
+
+
+def test_state_never_below_fp16(rng):
+    st = np.ones((4, 2), np.float32)
+    for dtype in ("int8", "fp8", "uniform", "adaptive", 8, 4, None):
+        with pytest.raises(ValueError, match="never below"):
+            q.encode_state(st, dtype)
+    with pytest.raises(ValueError):
+        q.encode_state(np.float32([[1.0, np.nan]]), "fp16")
+    with pytest.raises(ValueError):
+        q.decode_state(q.encode(st, Scheme("uniform", 8)))
+
+
+# --- bit-width policy -----------------------------------------------------------------------
+
+def test_choose_bits():
+    got = [q.choose_bits(r) for r in range(200)]
+    assert got == sorted(got) and set(got) <= set(q.QUANT_BITS)
+    assert q.choose_bits(0) == q.choose_bits(1) == 2
+    assert q.choose_bits(2) == q.choose_bits(3) == 3
+    assert q.choose_bits(4) == q.choose_bits(20) == 4
+    assert q.choose_bits(21) == q.choose_bits(10 ** 9) == 8
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError):
+            q.choose_bits(bad)
+
+
+def test_raise_bits():
+    for bits in q.QUANT_BITS:
+        prev = bits
+        for r in range(50):
+            nb = q.raise_bits(bits, r)
+            assert nb in q.QUANT_BITS and nb >= prev and nb <= 8
+            assert nb > bits or bits == 8
+            assert nb >= q.choose_bits(r)
+            prev = nb
+    assert q.raise_bits(2, 1) == 3 and q.raise_bits(3, 2) == 4 and q.raise_bits(4, 3) == 8
+    assert q.raise_bits(8, 100) == 8
+    b, seen = q.choose_bits(1), []
+    for r in range(1, 6):                       # one restore after another walks up the ladder
+        b = q.raise_bits(b, r)
+        seen.append(b)
+    assert seen == [3, 4, 8, 8, 8]
+    assert q.raise_bits(16, 5) == 16 and q.raise_bits(32, 5) == 32
+    for bad in ((5, 1), (4, -1), (4, 1.0)):
+        with pytest.raises(ValueError):
+            q.raise_bits(*bad)
