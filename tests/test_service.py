@@ -380,3 +380,27 @@ def test_small_mailbox_requests_go_in_chunks(tmp_path):
         ref.create_table(_spec())
         ref.apply_gradients("t", ids, torch.ones(4000, 16))
         torch.testing.assert_close(got, ref.lookup("t", ids), rtol=0, atol=1e-6)
+
+
+def test_row_range_writers(service):
+    """Model-parallel ownership: two writers of disjoint row ranges of one table; an
+    overlapping writer is refused, an update outside one's range too, nothing changes."""
+    with service.connect() as a, service.connect() as b, service.connect() as c:
+        a.create_table(_spec("t", rows=1000))
+        a.attach("t", rows=(0, 500))
+        b.attach("t", rows=(500, 1000))
+        with pytest.raises(ts.InvalidInput, match=r"rows \[0, 500\)"):
+            c.attach("t", rows=(400, 600))
+        c.attach("t", mode="read")
+        before = c.lookup("t", torch.arange(1000)).clone()
+        with pytest.raises(ts.InvalidInput, match=r"writes rows \[0, 500\) only"):
+            a.apply_gradients("t", [10, 700], torch.ones(2, 16))
+        torch.testing.assert_close(c.lookup("t", torch.arange(1000)), before, rtol=0, atol=0)
+        a.apply_gradients("t", torch.arange(0, 500), torch.ones(500, 16))
+        b.apply_gradients("t", torch.arange(500, 1000), -torch.ones(500, 16))
+        after = c.lookup("t", torch.arange(1000))
+        assert (after[:500] < before[:500]).all() and (after[500:] > before[500:]).all()
+        writers = c.stats()["tables"]["t"]["writers"]
+        assert sorted(w["rows"] for w in writers) == [[0, 500], [500, 1000]]
+        b.detach("t")
+        c.attach("t", rows=(500, 600), mode="write")  # free now that b left [500, 1000)

@@ -57,6 +57,8 @@ class AttachedTable(SlabWriter):
         self.spec = TableSpec.from_json(reply["spec"])
         self.name = self.spec.name
         self.writable = writable
+        #: [lo, hi): the ids this client may update (a writer of a row range)
+        self.write_range = tuple(reply.get("rows", (0, 2**63 - 1)))
         lay = reply["layout"]
         self.capacity = int(lay["capacity"])
         self.tracks_hits = bool(lay["tracks_hits"])
@@ -133,6 +135,10 @@ class AttachedTable(SlabWriter):
         if not self.writable:
             raise InvalidInput(f"table {self.name!r} is attached read-only by this client; "
                                f"attach it with mode='write' to update rows")
+        lo, hi = self.write_range
+        if len(ids) and (ids.min() < lo or ids.max() >= hi):
+            raise InvalidInput(f"table {self.name!r}: this client writes rows [{lo}, {hi}) "
+                               f"only; ids {ids.min()}..{ids.max()} given")
         _, out = self._pin(ids)
         pos = out.astype(np.int64)
         g = grad.detach().to(torch.float32).contiguous().numpy()

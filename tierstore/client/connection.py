@@ -135,14 +135,22 @@ class Connection:
     def tables(self) -> list[str]:
         return self._call({"op": "tables"})["tables"]
 
-    def attach(self, table: str, mode: str | None = None) -> AttachedTable:
-        """Map ``table`` for writing or reading (default: the connection's mode). A second
-        writer of a table is refused with InvalidInput naming the current writer's pid."""
+    def attach(self, table: str, mode: str | None = None,
+               rows: tuple[int, int] | None = None) -> AttachedTable:
+        """Map ``table`` for writing or reading (default: the connection's mode).
+
+        rows: for a writer, the ids [lo, hi) it updates (model-parallel ranks own disjoint row
+        ranges of one table); default the whole table. A writer whose rows overlap another
+        client's is refused with InvalidInput naming that writer's pid; updating an id outside
+        the range raises InvalidInput."""
         mode = mode or self.mode
         if mode not in ("write", "read"):
             raise InvalidInput(f"attach mode must be 'write' or 'read', got {mode!r}")
         self._detach_local(table)
-        reply = self._call({"op": "attach", "table": table, "mode": mode})
+        msg: dict[str, Any] = {"op": "attach", "table": table, "mode": mode}
+        if rows is not None:
+            msg["rows"] = [int(rows[0]), int(rows[1])]
+        reply = self._call(msg)
         t = AttachedTable(self, reply, writable=mode == "write")
         self._tables[table] = t
         return t
@@ -176,7 +184,7 @@ class Connection:
             except Stale:
                 mode = "write" if t.writable else "read"
                 self._detach_local(table)
-                self.attach(table, mode)
+                self.attach(table, mode, t.write_range if t.writable else None)
         raise TierstoreError(f"table {table!r} kept moving while attaching ({_RETRIES} tries)")
 
     # -- the engine's operations --------------------------------------------------------------

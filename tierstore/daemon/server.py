@@ -55,6 +55,7 @@ class Attachment:
     cache: DDRCache
     writable: bool
     segment: shm.Segment
+    rows: tuple[int, int] = (0, 2**63 - 1)  # the rows a writer may update
     header: np.ndarray = field(init=False)
     pins: np.ndarray = field(init=False)
 
@@ -84,7 +85,8 @@ class Service:
         self.cfg = cfg
         self.store: Store | None = None
         self.clients: dict[int, Client] = {}
-        self.writers: dict[str, int] = {}  # table -> client id of its writer
+        #: table -> {client id: [lo, hi) rows it writes}; ranges of one table never overlap
+        self.writers: dict[str, dict[int, tuple[int, int]]] = {}
         self.departed: dict[str, dict[str, int]] = {}  # counters of clients that have left
         self._ids = itertools.count(1)
         self._replan = asyncio.Lock()
@@ -270,8 +272,8 @@ class Service:
             return  # already dropped
         for name in list(c.attached):
             self._detach(c, name)
-        for name in [n for n, owner in self.writers.items() if owner == c.id]:
-            del self.writers[name]  # owned a table whose slab was re-planned meanwhile
+        for name in list(self.writers):  # owned tables whose slab was re-planned meanwhile
+            self._release_rows(name, c.id)
         c.mailbox.close()
         shm.unlink(c.mailbox.name)
         log.info("client %d (pid %d) disconnected", c.id, c.pid)
@@ -336,10 +338,10 @@ class Service:
         name = self._arg(msg, "table", str)
         async with self._replan:
             self.store.catalog.get(name)  # UnknownTable
-            owner = self.writers.get(name)
-            if owner is not None and owner != c.id:
+            others = [cid for cid in self.writers.get(name, {}) if cid != c.id]
+            if others:
                 raise InvalidInput(f"table {name!r} is attached for writing by client "
-                                   f"{owner}; it must detach first")
+                                   f"{others[0]}; it must detach first")
             for other in self.clients.values():
                 if name in other.attached:
                     self._detach(other, name)
@@ -399,11 +401,9 @@ class Service:
             raise InvalidInput(f"attach mode must be 'write' or 'read', got {mode!r}")
         async with self._replan:  # wait for a re-plan in progress
             spec = self.store.open_table(name).spec  # UnknownTable
-            owner = self.writers.get(name)
-            if mode == "write" and owner is not None and owner != c.id:
-                pid = self.clients[owner].pid
-                raise InvalidInput(f"table {name!r} already has a writer (client {owner}, "
-                                   f"pid {pid}); attach it read-only or detach the writer")
+            rows = self._row_range(spec, msg.get("rows"))
+            if mode == "write":
+                self._check_writer(spec, c, rows)
             if name in c.attached:
                 self._detach(c, name)
             cache = self.store._open[name].cache
@@ -411,13 +411,43 @@ class Service:
             shm.unlink(seg_name)
             size = pins.HEADER_BYTES + 4 * (cache.capacity + 1)
             seg = shm.create(seg_name, (size,), np.uint8, unlink=False)
-            att = Attachment(name, cache, mode == "write", seg)
+            att = Attachment(name, cache, mode == "write", seg, rows)
             att.header[pins.SEQ] = 1
             c.attached[name] = att
             if mode == "write":
-                self.writers[name] = c.id
+                self.writers.setdefault(name, {})[c.id] = rows
         return {"spec": spec.to_json(), "layout": cache.shared_layout(),
-                "pins": [seg_name, size]}
+                "pins": [seg_name, size], "rows": list(rows)}
+
+    @staticmethod
+    def _row_range(spec: TableSpec, rows: Any) -> tuple[int, int]:
+        """[lo, hi) of an attach request (default: the whole id space)."""
+        end = spec.num_rows if spec.id_space == "dense" else 2**63 - 1
+        if rows is None:
+            return 0, end
+        if (not isinstance(rows, list) or len(rows) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows)
+                or not 0 <= rows[0] < rows[1] <= end):
+            raise InvalidInput(f"table {spec.name!r}: rows must be [lo, hi) with "
+                               f"0 <= lo < hi <= {end}, got {rows!r}")
+        return rows[0], rows[1]
+
+    def _check_writer(self, spec: TableSpec, c: Client, rows: tuple[int, int]) -> None:
+        """Refuse a write attach whose rows overlap another client's."""
+        for cid, (lo, hi) in self.writers.get(spec.name, {}).items():
+            if cid != c.id and lo < rows[1] and rows[0] < hi:
+                pid = self.clients[cid].pid if cid in self.clients else -1
+                raise InvalidInput(
+                    f"table {spec.name!r} already has a writer of rows [{lo}, {hi}) (client "
+                    f"{cid}, pid {pid}); attach it read-only, choose rows that do not "
+                    f"overlap, or detach the writer")
+
+    def _release_rows(self, name: str, cid: int) -> None:
+        owners = self.writers.get(name)
+        if owners is not None:
+            owners.pop(cid, None)
+            if not owners:
+                del self.writers[name]
 
     def _op_detach(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
         name = self._arg(msg, "table", str)
@@ -430,8 +460,7 @@ class Service:
         att = c.attached.pop(name)
         self._fold(name, att)
         att.close()
-        if self.writers.get(name) == c.id:
-            del self.writers[name]
+        self._release_rows(name, c.id)
 
     def _fold(self, name: str, att: Attachment) -> None:
         """Keep the lookups/hits a departing attachment counted on its own."""
@@ -508,6 +537,10 @@ class Service:
         rows = self._mailbox(c, 0, np.int64, (k,)).copy()
         grads = self._mailbox(c, 8 * k, np.float32, (k, spec.dim)).copy()
         self._check_rows(spec, rows)
+        lo, hi = att.rows
+        if k and (rows.min() < lo or rows.max() >= hi):
+            raise InvalidInput(f"table {spec.name!r}: this client writes rows [{lo}, {hi}) "
+                               f"only")
         if not np.isfinite(grads).all():
             raise InvalidInput(f"table {spec.name!r}: gradients must be finite")
         if k:
@@ -539,8 +572,9 @@ class Service:
             t["lookups"] += extra["lookups"]
             t["hits"] += extra["hits"]
             t["hit_rate"] = t["hits"] / t["lookups"] if t["lookups"] else None
-            writer = self.writers.get(name)
-            t["writer_pid"] = self.clients[writer].pid if writer is not None else None
+            t["writers"] = [{"pid": self.clients[cid].pid, "rows": list(r)}
+                            for cid, r in self.writers.get(name, {}).items()
+                            if cid in self.clients]
             t["readers"] = readers
         st["service"] = {"pid": os.getpid(), "version": protocol.VERSION,
                          "uptime_s": round(time.time() - self._started, 1),
