@@ -380,5 +380,27 @@ class Store:
                                           if e.spec.id_space == "dense" else None),
         }
 
+    # -- checkpoints (tierstore/ckpt holds the logic) -----------------------------------------
+    def checkpoint(self, root: str | os.PathLike, policy: str = "intermittent", bits: int = 4,
+                   quant: str = "adaptive", **kw: Any) -> str:
+        """Write the next checkpoint of the chain kept under ``root`` and return its path.
+
+        Stalls only to snapshot the rows to save; quantization, compression and writing run in
+        the background (``tierstore.ckpt.wait(store)``, or ``wait=True``). policy: full |
+        incremental | consecutive | intermittent; bits 32 = fp32, 16 = fp16, else 2/3/4/8 with
+        quant uniform | adaptive | kmeans. Other options (extra_state, step, reader, keep,
+        state_dtype, rebaseline_at, ...): :func:`tierstore.ckpt.checkpoint`."""
+        from tierstore import ckpt
+        self._check_open()
+        return ckpt.checkpoint(self, root, policy, bits, quant, **kw).path
+
+    def restore(self, path: str | os.PathLike, **kw: Any) -> dict[str, Any]:
+        """Restore exactly checkpoint ``path``, replaying its chain; verifies the chain first
+        and changes nothing if it is corrupt. Returns step, reader position and the dense
+        ``extra_state``: :func:`tierstore.ckpt.restore`."""
+        from tierstore import ckpt
+        self._check_open()
+        return ckpt.restore(self, path, **kw)
+
 
 __all__ = ["Store", "Table"]

@@ -1,0 +1,476 @@
+"""Taking checkpoints: the snapshot in the caller, the background writer, retention.
+
+:func:`checkpoint` stalls the caller only to snapshot: ``take_modified`` of every table (once
+per table per checkpoint, whatever the kind, so the record always means "since the previous
+checkpoint"), the policy decision, and ``read_rows`` of the rows to save into memory (plus a
+copy of ``extra_state``). A background thread then quantizes, compresses, writes, fsyncs and
+commits; numba's kernels, zstd and file writes release the GIL, so training goes on meanwhile.
+One writer at a time: a new checkpoint of a store first waits for the previous one's write,
+and a root is flock'ed by the process writing it.
+
+What lets a chain continue is kept per Store object (:class:`_Session`): the checkpoint the
+store's modified-row record is relative to (the *head*), the rows modified since the head's
+baseline (for cumulative increments), the restores in the chain's history. Whatever survives
+the process is in the manifests: after a restart, :func:`tierstore.ckpt.reader.restore`
+rebuilds the session from the restored checkpoint's chain, and otherwise the first checkpoint
+is a new baseline (rows modified before the restart are not recorded anywhere).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tierstore import quant
+from tierstore.ckpt import format as fmt
+from tierstore.ckpt.hooks import pause
+from tierstore.ckpt.policy import PolicyOptions, decide
+from tierstore.config import TableSpec
+from tierstore.optim.sparse import SGD, Adagrad, RowWiseAdagrad
+
+#: Optimizers whose update touches only the rows of the batch: a row not written keeps its
+#: value and state, which is what incremental checkpoints rely on. (RowWiseAdagrad's weight
+#: decay is applied to the gradient of the rows in the batch only.)
+ROW_SPARSE_OPTIMIZERS = (SGD, RowWiseAdagrad, Adagrad)
+STATE_DTYPES = ("fp32", "fp16")
+DEFAULT_KEEP = 2
+DEFAULT_ZSTD_LEVEL = 1
+
+
+def check_row_sparse(spec: TableSpec) -> None:
+    if not isinstance(spec.optimizer, ROW_SPARSE_OPTIMIZERS) or \
+            getattr(spec.optimizer, "dense_decay", False):
+        raise fmt.CheckpointError(
+            f"table {spec.name!r}: optimizer {type(spec.optimizer).__name__} is not known to be "
+            f"row-sparse (untouched rows unchanged); incremental checkpoints would miss rows")
+
+
+class RowSet:
+    """Rows modified since a baseline: a flag per row for dense tables (pages never marked
+    cost nothing), a sorted array for sparse-id tables."""
+
+    def __init__(self, spec: TableSpec) -> None:
+        self.flags = np.zeros(spec.num_rows, bool) if spec.id_space == "dense" else None
+        self.ids = np.empty(0, np.int64)
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        if self.flags is not None:
+            self.flags[rows] = True
+        else:
+            self.ids = np.union1d(self.ids, rows)
+
+    def rows(self) -> np.ndarray:
+        return np.flatnonzero(self.flags) if self.flags is not None else self.ids
+
+
+# -- per-store session -----------------------------------------------------------------------
+
+@dataclass
+class _Session:
+    """What one Store object knows about the chain its modified-row record belongs to."""
+
+    root: str | None = None            # the root of that chain (realpath)
+    head: dict[str, Any] | None = None  # manifest the record is relative to (None: untrusted)
+    since_base: dict[str, "RowSet"] = field(default_factory=dict)  # rows modified since baseline
+    restores: int = 0                   # restores in the chain's history
+    job: "_Job | None" = None           # the write in flight (or the last one)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    untrusted_reason: str | None = "no earlier checkpoint of this Store object"
+
+
+_sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
+_sessions_lock = threading.Lock()
+
+
+def session(store: Any) -> _Session:
+    with _sessions_lock:
+        s = _sessions.get(store)
+        if s is None:
+            s = _sessions[store] = _Session()
+        return s
+
+
+def wait(store: Any, timeout: float | None = None) -> dict[str, Any] | None:
+    """Wait for the store's checkpoint write in flight (if any); returns its manifest, or
+    None if there was none. Raises the write's error."""
+    job = session(store).job
+    return None if job is None else job.handle.wait(timeout)
+
+
+# -- the handle ------------------------------------------------------------------------------
+
+class CheckpointHandle:
+    """A checkpoint being written in the background. ``path`` is final as soon as
+    :func:`checkpoint` returns; the checkpoint exists once :meth:`wait` returns."""
+
+    def __init__(self, path: str, kind: str, reason: str) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        self.kind = kind
+        self.reason = reason
+        self.stall_s = 0.0
+        self.stats: dict[str, Any] = {}
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._manifest: dict[str, Any] | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """The committed manifest; raises CheckpointError if the write failed, TimeoutError
+        if it is still running after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"checkpoint {self.path} still being written")
+        if self._error is not None:
+            raise fmt.CheckpointError(f"checkpoint {self.path} failed: {self._error}") \
+                from self._error
+        assert self._manifest is not None
+        return self._manifest
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"CheckpointHandle({self.path!r}, {self.kind}, {state})"
+
+
+# -- snapshot --------------------------------------------------------------------------------
+
+@dataclass
+class _TableSnap:
+    spec: TableSpec
+    scheme: quant.Scheme
+    rows: np.ndarray
+    weights: np.ndarray
+    state: np.ndarray
+
+
+def _table_scheme(spec: TableSpec, scheme: quant.Scheme) -> quant.Scheme:
+    """fp32 of a float16 table is its float16 values: store them as fp16 (lossless)."""
+    if spec.dtype == "float16" and scheme.kind == "fp32":
+        return quant.Scheme("fp16", 16)
+    return scheme
+
+
+def effective_bits(bits: int | str, expected_restores: int | None, restores: int) -> int:
+    """The bit-width to write: ``bits`` (or ``quant.choose_bits(expected_restores)`` for
+    "auto"), raised once per restore in the chain's history (``quant.raise_bits``)."""
+    if bits == "auto":
+        b = quant.choose_bits(int(expected_restores or 0))
+    elif isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"bits must be 32, 16, 8, 4, 3, 2 or 'auto', got {bits!r}")
+    else:
+        b = int(bits)
+    for r in range(1, restores + 1):
+        if b in (16, 32):
+            break
+        b = quant.raise_bits(b, r)
+    return b
+
+
+def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent",
+               bits: int | str = 4, quant_kind: str = "adaptive", *,
+               increments: str = "cumulative", rebaseline_at: float | None = None,
+               expected_restores: int | None = None, state_dtype: str = "fp32",
+               keep: int | None = DEFAULT_KEEP, step: int | None = None,
+               reader: Any = None, extra_state: dict[str, Any] | None = None,
+               zstd_level: int = DEFAULT_ZSTD_LEVEL, wait: bool = False) -> CheckpointHandle:
+    """Take the next checkpoint of the chain under ``root`` (see the module docstring).
+
+    policy: full | incremental | consecutive | intermittent (:mod:`tierstore.ckpt.policy`).
+    bits/quant_kind: 32 (fp32), 16 (fp16), or 2/3/4/8 with uniform | adaptive | kmeans;
+        bits="auto" picks from ``expected_restores``. Raised automatically after restores.
+    state_dtype: optimizer state at "fp32" (default) or "fp16", never lower.
+    keep: retention, the newest ``keep`` chains (baseline + increments) are kept; None = all.
+    step, reader: the training step and data-reader position (JSON), kept in the manifest.
+    extra_state: dense state saved through torch.distributed.checkpoint.
+    wait: block until committed (tests, the CLI).
+    Returns a :class:`CheckpointHandle` (``.path``, ``.wait()``).
+    """
+    opts = PolicyOptions(policy, increments, rebaseline_at)
+    if quant_kind not in quant.QUANTS + ("none",):
+        raise ValueError(f"unknown quantization {quant_kind!r}; valid: {', '.join(quant.QUANTS)}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be fp32 or fp16 (never below), got {state_dtype!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
+    if extra_state is not None and not isinstance(extra_state, dict):
+        raise TypeError(f"extra_state must be a dict, got {type(extra_state).__name__}")
+    root = os.path.realpath(os.fspath(root))
+    sess = session(store)
+    t0 = time.perf_counter()
+    with sess.lock:
+        prev = sess.job
+        if prev is not None:
+            prev.handle._done.wait()       # one writer per store: the previous write first
+        restores = sess.restores if sess.root == root else 0
+        scheme = quant.Scheme.parse(effective_bits(bits, expected_restores, restores),
+                                    quant_kind if bits not in (16, 32) else "none")
+        lock = fmt.RootLock(root)
+        try:
+            job = _snapshot(store, sess, root, opts, scheme, state_dtype, restores, keep, step,
+                            reader, extra_state, zstd_level, lock)
+        except BaseException as e:
+            lock.release()
+            sess.head = None  # modifications may have been taken: the next one is a baseline
+            sess.untrusted_reason = f"the previous checkpoint call failed ({e})"
+            raise
+        job.handle.stall_s = time.perf_counter() - t0
+        sess.job = job
+        job.thread.start()
+    if wait:
+        job.handle.wait()
+    return job.handle
+
+
+def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
+              scheme: quant.Scheme, state_dtype: str, restores: int, keep: int | None,
+              step: int | None, reader: Any, extra_state: dict[str, Any] | None,
+              zstd_level: int, lock: fmt.RootLock) -> "_Job":
+    names = store.tables()
+    specs = {n: store.open_table(n).spec for n in names}
+    for spec in specs.values():
+        check_row_sparse(spec)
+    mods = {n: store.take_modified(n) for n in names}  # exactly once per table, always
+
+    head = sess.head if sess.root == root else None
+    forced = None
+    if sess.root != root:
+        forced = ("first checkpoint of this Store object under this root" if sess.root is None
+                  else f"this Store object's record belongs to the chain under {sess.root}")
+    elif head is None:
+        forced = sess.untrusted_reason or "no usable previous checkpoint"
+    elif not os.path.exists(os.path.join(root, head["name"], fmt.MANIFEST)):
+        forced = f"previous checkpoint {head['name']} is gone"
+    elif {n: s.to_json() for n, s in specs.items()} != \
+            {n: t["spec"] for n, t in head["tables"].items()}:
+        forced = "tables changed since the previous checkpoint"
+    elif head["policy"] != opts.to_json():
+        forced = "policy options changed"
+    elif head["scheme"] != scheme.to_json() or head["state_dtype"] != state_dtype:
+        forced = f"scheme changed from {quant.Scheme.from_json(head['scheme']).name}/" \
+                 f"{head['state_dtype']} to {scheme.name}/{state_dtype}"
+
+    cumulative = opts.increment_kind == "cumulative" and opts.policy != "full"
+    if forced is None and cumulative:
+        since = sess.since_base
+        for n in names:
+            since[n].add(mods[n])
+        union = {n: since[n].rows() for n in names}
+    else:
+        since = {n: RowSet(specs[n]) for n in names}
+        union = {n: mods[n] for n in names}
+        if cumulative:
+            for n in names:
+                since[n].add(mods[n])
+    written: dict[str, np.ndarray] = {}
+
+    def written_count() -> int:
+        for n in names:
+            if n not in written:
+                written[n] = store.written_rows(n)
+        return sum(len(w) for w in written.values())
+
+    decision = decide(opts, forced, head["cycle"] if head else None,
+                      sum(len(u) for u in union.values()), sum(len(m) for m in mods.values()),
+                      written_count)
+    kind = decision.kind
+    if kind == "full":
+        written_count()
+        rows = written
+    else:
+        rows = union if kind == "cumulative" else mods
+
+    snaps = {}
+    for n in names:
+        w, s = store.read_rows(n, rows[n]) if len(rows[n]) else (
+            np.empty((0, specs[n].dim), specs[n].layout.np_dtype),
+            np.empty((0, specs[n].layout.state_dim), np.float32))
+        snaps[n] = _TableSnap(specs[n], _table_scheme(specs[n], scheme), rows[n], w, s)
+    dense = None
+    if extra_state is not None:
+        from tierstore.ckpt import dense as dense_mod
+        dense = dense_mod.snapshot(extra_state)
+    pause("snapshot")
+
+    seq = fmt.next_seq(root)
+    if sess.job is not None and sess.root == root:
+        seq = max(seq, (fmt.seq_of(sess.job.handle.name) or 0) + 1)
+    name = fmt.ckpt_name(seq)
+    if kind == "full":
+        baseline, restore_set = name, [name]
+        cycle = {"baseline": name, "baseline_rows": int(sum(len(r) for r in rows.values())),
+                 "increment_rows": []}
+    else:
+        assert head is not None
+        baseline = head["baseline"]
+        restore_set = ([baseline, name] if kind == "cumulative"
+                       else list(head["restore_set"]) + [name])
+        cycle = {**head["cycle"], "increment_rows":
+                 list(head["cycle"]["increment_rows"]) + [int(sum(len(r) for r in rows.values()))]}
+    created, created_unix = fmt.now()
+    body = {
+        "format": fmt.FORMAT, "version": fmt.VERSION, "name": name, "seq": seq, "kind": kind,
+        "reason": decision.reason, "policy": opts.to_json(), "parent": head["name"] if head else None,
+        "baseline": baseline, "restore_set": restore_set, "step": step, "reader": reader,
+        "created": created, "created_unix": created_unix, "scheme": scheme.to_json(),
+        "state_dtype": state_dtype, "restores": restores, "cycle": cycle,
+        "tables": {n: {"spec": specs[n].to_json(), "scheme": snaps[n].scheme.to_json(),
+                       "rows": int(len(snaps[n].rows))} for n in names},
+    }
+    handle = CheckpointHandle(os.path.join(root, name), kind, decision.reason)
+    job = _Job(handle, root, body, snaps, dense, zstd_level, keep, lock, sess)
+
+    # the session now stands at the new checkpoint; a failed write sends it back to a baseline
+    sess.root = root
+    sess.head = None      # set by the job on commit
+    sess.untrusted_reason = f"the write of {name} has not committed"
+    sess.restores = restores
+    if kind == "full":
+        since = {n: RowSet(specs[n]) for n in names}
+    sess.since_base = since
+    return job
+
+
+# -- the background writer -------------------------------------------------------------------
+
+class _Job:
+    def __init__(self, handle: CheckpointHandle, root: str, body: dict[str, Any],
+                 snaps: dict[str, _TableSnap], dense: dict[str, Any] | None, zstd_level: int,
+                 keep: int | None, lock: fmt.RootLock, sess: _Session) -> None:
+        self.handle = handle
+        self.root = root
+        self.body = body
+        self.snaps = snaps
+        self.dense = dense
+        self.zstd_level = zstd_level
+        self.keep = keep
+        self.lock = lock
+        self.sess = sess
+        self.thread = threading.Thread(target=self.run, name=f"tierstore-ckpt {handle.name}",
+                                       daemon=False)
+
+    def run(self) -> None:
+        h = self.handle
+        t0, c0 = time.perf_counter(), time.thread_time()
+        created = False
+        try:
+            for stale in fmt.incomplete(self.root):  # interrupted writers' leftovers
+                fmt.remove_checkpoint_dir(self.root, stale)
+            os.mkdir(h.path, 0o700)
+            created = True
+            fmt.fsync_dir(self.root)
+            pause("begin")
+            chunks, raw_in = self._write_rows()
+            dense = None
+            if self.dense is not None:
+                from tierstore.ckpt import dense as dense_mod
+                files = dense_mod.save(self.dense, h.path)
+                dense = {"files": []}
+                for f in files:
+                    crc, size = fmt.file_crc(os.path.join(h.path, f))
+                    dense["files"].append({"file": f, "what": "dense", "bytes": size,
+                                           "crc32": crc})
+                fmt.fsync_dir(os.path.join(h.path, dense_mod.DENSE_DIR))
+            body = dict(self.body)
+            body["chunks"] = chunks
+            body["dense"] = dense
+            body["bytes"] = int(sum(e["bytes"] for e in fmt.chunk_entries(body)))
+            body["input_bytes"] = raw_in
+            fmt.write_manifest(h.path, body)
+            fmt.fsync_dir(self.root)
+            pause("committed")
+            h._manifest = body
+            with_cpu = time.thread_time() - c0
+            h.stats = {"bytes": body["bytes"], "input_bytes": raw_in,
+                       "rows": int(sum(len(s.rows) for s in self.snaps.values())),
+                       "write_s": time.perf_counter() - t0, "write_cpu_s": with_cpu}
+            self.sess.head = body
+            self.sess.untrusted_reason = None
+            self.snaps = {}
+            self.dense = None
+            if self.keep is not None:
+                try:
+                    apply_retention(self.root, self.keep)
+                except Exception as e:  # the checkpoint is committed; retention retries next time
+                    warnings.warn(f"checkpoint retention under {self.root} failed: {e}")
+        except BaseException as e:
+            h._error = e
+            self.sess.head = None
+            self.sess.untrusted_reason = f"the write of {h.name} failed ({e})"
+            if created and not os.path.exists(os.path.join(h.path, fmt.MANIFEST)):
+                try:
+                    fmt.remove_checkpoint_dir(self.root, h.name)
+                except Exception:
+                    pass
+            if not isinstance(e, Exception):
+                raise
+            warnings.warn(f"checkpoint {h.path} failed: "
+                          f"{''.join(traceback.format_exception_only(type(e), e)).strip()}")
+        finally:
+            self.snaps = {}
+            self.dense = None
+            self.lock.release()
+            h._done.set()
+
+    def _write_rows(self) -> tuple[list[dict[str, Any]], int]:
+        chunks: list[dict[str, Any]] = []
+        raw_in = 0
+        d = self.handle.path
+        lvl = self.zstd_level
+        for name, snap in self.snaps.items():
+            n = len(snap.rows)
+            for part, lo in enumerate(range(0, n, fmt.PART_ROWS)):
+                hi = min(n, lo + fmt.PART_ROWS)
+                info = {"table": name, "part": part, "rows": hi - lo}
+                chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.ids.zst",
+                                              fmt.encode_ids(snap.rows[lo:hi]), lvl,
+                                              what="ids", **info))
+                pause("chunk")
+                w = snap.weights[lo:hi]
+                raw_in += (hi - lo) * w.shape[1] * 4  # counted as fp32 input
+                enc = quant.encode(w.astype(np.float32, copy=False), snap.scheme)
+                chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.w.zst", enc.to_bytes(),
+                                              lvl, what="weights", **info))
+                pause("chunk")
+                if snap.state.shape[1]:
+                    st = quant.encode_state(snap.state[lo:hi], self.body["state_dtype"])
+                    raw_in += snap.state[lo:hi].nbytes
+                    chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.s.zst", st.to_bytes(),
+                                                  lvl, what="state", **info))
+                    pause("chunk")
+        return chunks, raw_in
+
+
+# -- retention -------------------------------------------------------------------------------
+
+def apply_retention(root: str, keep: int) -> list[str]:
+    """Keep the newest ``keep`` chains (a baseline and every checkpoint on it; chains ranked
+    by their newest checkpoint) and delete every checkpoint no kept chain needs. Unreadable
+    checkpoints are left alone (``verify`` reports them). Returns the names deleted.
+    The caller holds the root lock."""
+    chains: dict[str, list[str]] = {}
+    for name in fmt.committed(root):
+        try:
+            m = fmt.read_manifest(os.path.join(root, name))
+        except fmt.CorruptCheckpoint:
+            continue
+        chains.setdefault(m["baseline"], []).append(name)
+    ranked = sorted(chains, key=lambda b: max(fmt.seq_of(n) for n in chains[b]), reverse=True)
+    needed = {n for b in ranked[:keep] for n in chains[b]} | set(ranked[:keep])
+    gone = []
+    for b in ranked[keep:]:
+        for name in sorted(chains[b], key=fmt.seq_of, reverse=True):  # increments first
+            if name not in needed:
+                fmt.remove_checkpoint_dir(root, name)
+                gone.append(name)
+    return gone
