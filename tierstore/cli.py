@@ -4,6 +4,8 @@
     tierstore bench cache --trace PATH|zipf:alpha=A,n=N,len=L,seed=S --capacity 0.01,0.1 ...
     tierstore bench lookup|train|scm       tierstore against nn.EmbeddingBag and FBGEMM
     tierstore bench service [--only forward,train,two,scm,idle]   through a running tierstored
+    tierstore bench ckpt [--rows N] [--json]   checkpoints: bytes, stall, writer, quality
+    tierstore ckpt save|list|restore|verify   incremental, quantized checkpoints
     tierstore stats --run-dir DIR [--json] figures of a running tierstored (like Redis INFO)
     tierstore stats --path DIR [--json]    per-table and per-tier figures of a store
 """
@@ -136,6 +138,167 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_fail(name: str, e: Exception) -> int:
+    print(f"tierstore ckpt {name}: {e}", file=sys.stderr)
+    return 1
+
+
+def cmd_ckpt_save(a: argparse.Namespace) -> int:
+    import tierstore as ts
+    from tierstore import ckpt
+    bits = a.bits if a.bits == "auto" else int(a.bits)
+    try:
+        with ts.Store(a.path, ddr_bytes=a.ddr_bytes) as store:
+            h = ckpt.checkpoint(store, a.root, a.policy, bits, a.quant, keep=a.keep,
+                                step=a.step, state_dtype=a.state_dtype,
+                                rebaseline_at=a.rebaseline_at,
+                                expected_restores=a.expected_restores, wait=True)
+    except (ts.TierstoreError, ValueError, OSError) as e:
+        return _ckpt_fail("save", e)
+    res = {"path": h.path, "kind": h.kind, "reason": h.reason, **h.stats}
+    _emit(res, a.json, f"{h.path}: {h.kind} checkpoint ({h.reason}), {h.stats['rows']:,} rows, "
+          f"{h.stats['bytes']:,} bytes")
+    return 0
+
+
+def cmd_ckpt_list(a: argparse.Namespace) -> int:
+    from tierstore import ckpt
+    rows = ckpt.list_checkpoints(a.root)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no checkpoints under {a.root}")
+    for r in rows:
+        if "kind" not in r:
+            print(f"{r['name']}  UNREADABLE: {r['problem']}")
+            continue
+        state = "restorable" if r["restorable"] else f"NOT restorable: {r['problem']}"
+        print(f"{r['name']}  {r['kind']:<10} {r['scheme']:<10} step {r['step']}  "
+              f"{r['rows']:>12,} rows {r['bytes']:>14,} B  restore set "
+              f"{'+'.join(r['restore_set'])}  {r['created']}  {state}")
+    return 0
+
+
+def cmd_ckpt_restore(a: argparse.Namespace) -> int:
+    import tierstore as ts
+    try:
+        with ts.Store(a.path, ddr_bytes=a.ddr_bytes) as store:
+            res = store.restore(a.checkpoint, progress=not a.json)
+    except (ts.TierstoreError, ValueError, OSError) as e:
+        return _ckpt_fail("restore", e)
+    res.pop("extra_state", None)
+    _emit(res, a.json, f"{a.path}: restored {res['checkpoint']} (step {res['step']}, restore set "
+          f"{'+'.join(res['restore_set'])}; rows per table {res['tables']})")
+    return 0
+
+
+def cmd_ckpt_verify(a: argparse.Namespace) -> int:
+    from tierstore import ckpt
+    if (a.checkpoint is None) == (a.root is None):
+        print("tierstore ckpt verify: give a checkpoint directory or --root DIR", file=sys.stderr)
+        return 2
+    if a.root is not None:
+        rep = ckpt.verify_root(a.root, progress=not a.json)
+        results = rep["checkpoints"]
+    else:
+        rep = ckpt.verify(a.checkpoint, progress=not a.json)
+        results = [rep]
+    if a.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        for r in results:
+            print(f"{r['checkpoint']}: {'ok' if r['ok'] else 'CORRUPT'} ({r['files']} files, "
+                  f"{r['bytes']:,} bytes)")
+            for p in r["problems"]:
+                print(f"  {p['file']}: {p['problem']}")
+        for n in rep.get("incomplete", []):
+            print(f"{n}: interrupted write (not listed; removed by the next writer)")
+    return 0 if rep["ok"] else 1
+
+
+def cmd_bench_ckpt(a: argparse.Namespace) -> int:
+    from tierstore.bench import ckpt as bench
+    try:
+        res = bench.run(rows=a.rows, dim=a.dim, batch=a.batch, pooling=a.pooling, alpha=a.alpha,
+                        steps_between=a.steps_between, checkpoints=a.checkpoints,
+                        policies=tuple(a.policies), bits=tuple(a.bits), quant_kind=a.quant,
+                        quality_steps=a.quality_steps, quality_bits=tuple(a.quality_bits),
+                        recon_rows=a.recon_rows, dram_fraction=a.dram_fraction,
+                        only=tuple(a.only), workdir=a.workdir, progress=not a.json)
+    except ValueError as e:
+        raise SystemExit(f"tierstore bench ckpt: {e}") from None
+    _emit(res, a.json, bench.table(res))
+    return 0
+
+
+def _add_ckpt_parsers(sub: Any, bench: Any) -> None:
+    """`tierstore ckpt save|list|restore|verify` and `tierstore bench ckpt` (docs/checkpoints.md)."""
+    from tierstore.ckpt.policy import POLICIES
+    k = sub.add_parser("ckpt", help="incremental, quantized checkpoints of a store "
+                       "(docs/checkpoints.md)")
+    ks = k.add_subparsers(dest="ckpt", required=True)
+    s = ks.add_parser("save", help="write the next checkpoint of the chain under --root "
+                      "(a new process starts with a full baseline)")
+    s.add_argument("--path", required=True, help="store directory (no process may have it open)")
+    s.add_argument("--root", required=True, help="checkpoint root (one chain per root)")
+    s.add_argument("--policy", choices=POLICIES, default="intermittent")
+    s.add_argument("--bits", default="4", choices=["32", "16", "8", "4", "3", "2", "auto"],
+                   help="32 = fp32, 16 = fp16, else quantized; auto: from --expected-restores")
+    s.add_argument("--quant", choices=["uniform", "adaptive", "kmeans"], default="adaptive")
+    s.add_argument("--expected-restores", type=int, default=None)
+    s.add_argument("--state-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="optimizer state precision (never below fp16)")
+    s.add_argument("--rebaseline-at", type=float, default=None,
+                   help="intermittent: new baseline when the increments hold this fraction of "
+                        "the rows a baseline would")
+    s.add_argument("--keep", type=int, default=2, help="chains to keep (retention)")
+    s.add_argument("--step", type=int, default=None, help="training step to record")
+    s.add_argument("--ddr-bytes", type=int, default=1 << 30)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_ckpt_save)
+    ls = ks.add_parser("list", help="committed checkpoints under a root, oldest first")
+    ls.add_argument("--root", required=True)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_ckpt_list)
+    r = ks.add_parser("restore", help="restore a store to a checkpoint (its whole chain); "
+                      "verifies first and changes nothing if the chain is corrupt")
+    r.add_argument("--path", required=True, help="store directory (no process may have it open)")
+    r.add_argument("checkpoint", help="checkpoint directory (<root>/ckpt-NNNNNN)")
+    r.add_argument("--ddr-bytes", type=int, default=1 << 30)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_ckpt_restore)
+    v = ks.add_parser("verify", help="check manifests, parents and every chunk's checksum; "
+                      "exit 1 naming each damaged or missing file")
+    v.add_argument("checkpoint", nargs="?", help="a checkpoint directory (and its restore set)")
+    v.add_argument("--root", help="every checkpoint under this root")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_ckpt_verify)
+
+    c = bench.add_parser("ckpt", help="checkpoints: bytes written/stored per policy and "
+                         "bit-width, stall, writer MB/s, quality after restores")
+    c.add_argument("--rows", type=int, default=2_000_000)
+    c.add_argument("--dim", type=int, default=64)
+    c.add_argument("--batch", type=int, default=4096)
+    c.add_argument("--pooling", type=int, default=20)
+    c.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
+    c.add_argument("--steps-between", type=int, default=200, help="steps between checkpoints")
+    c.add_argument("--checkpoints", type=int, default=10)
+    c.add_argument("--policies", type=_words, default=list(POLICIES))
+    c.add_argument("--bits", type=_ints, default=[32, 16, 8, 4, 2])
+    c.add_argument("--quant", choices=["uniform", "adaptive", "kmeans"], default="adaptive")
+    c.add_argument("--quality-steps", type=int, default=1000,
+                   help="steps of the planted-target job (restored at the midpoint)")
+    c.add_argument("--quality-bits", type=_ints, default=[32, 8, 4])
+    c.add_argument("--recon-rows", type=int, default=200_000)
+    c.add_argument("--dram-fraction", type=float, default=1.0)
+    c.add_argument("--only", type=_words, default=["bytes", "quality"],
+                   help="comma-separated parts: bytes,quality")
+    c.add_argument("--workdir", default=None, help="where checkpoints are written (temp dir)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_bench_ckpt)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tierstore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +373,7 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated parts: forward,train,two,scm,idle")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_bench_service)
+    _add_ckpt_parsers(sub, bs)
     return p
 
 

@@ -24,7 +24,7 @@ from tierstore.config import TableSpec
 def _progress(total: int, desc: str, enabled: bool, unit: str = "B") -> Any:
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                leave=False)
+                leave=False, delay=1.0)  # long restores and verifies only
 
 
 # -- listing ---------------------------------------------------------------------------------
@@ -218,19 +218,19 @@ def restore(store: Any, path: str | os.PathLike, *, extra_state: dict[str, Any] 
         sess.untrusted_reason = f"restore of {name} did not finish"
         ids = {t: [_read_ids(root, m, t) for m in chain] for t, _, _ in tables}
         total = sum(sum(len(p) for p in parts) for per in ids.values() for parts in per)
-        since = {}
+        since, written = {}, {}
         with _progress(total, f"restore {name}", progress, unit="rows") as bar:
             for tname, spec, exists in tables:
                 if not exists:
                     store.create_table(spec)
                 store.reset_table(tname)
                 _restore_table(store, root, chain, tname, spec, ids[tname], bar.update)
-                rs = writer.RowSet(spec)
+                since[tname], written[tname] = writer.RowSet(spec), writer.RowSet(spec)
                 for m, parts in zip(chain, ids[tname]):
-                    if m["kind"] != "full":
-                        for p in parts:
-                            rs.add(p)
-                since[tname] = rs
+                    for p in parts:
+                        written[tname].add(p)
+                        if m["kind"] != "full":
+                            since[tname].add(p)
         store.flush()
         dense = None
         if head.get("dense"):
@@ -241,6 +241,7 @@ def restore(store: Any, path: str | os.PathLike, *, extra_state: dict[str, Any] 
         sess.head = head
         sess.untrusted_reason = None
         sess.since_base = since
+        sess.written = written
         sess.restores = head["restores"] + 1
     return {"path": os.path.join(root, name), "checkpoint": name, "step": head["step"],
             "reader": head["reader"], "restore_set": head["restore_set"],

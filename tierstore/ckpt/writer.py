@@ -57,9 +57,11 @@ class RowSet:
     """Rows modified since a baseline: a flag per row for dense tables (pages never marked
     cost nothing), a sorted array for sparse-id tables."""
 
-    def __init__(self, spec: TableSpec) -> None:
+    def __init__(self, spec: TableSpec, rows: np.ndarray | None = None) -> None:
         self.flags = np.zeros(spec.num_rows, bool) if spec.id_space == "dense" else None
         self.ids = np.empty(0, np.int64)
+        if rows is not None:
+            self.add(rows)
 
     def add(self, rows: np.ndarray) -> None:
         if len(rows) == 0:
@@ -72,6 +74,9 @@ class RowSet:
     def rows(self) -> np.ndarray:
         return np.flatnonzero(self.flags) if self.flags is not None else self.ids
 
+    def count(self) -> int:
+        return int(np.count_nonzero(self.flags)) if self.flags is not None else len(self.ids)
+
 
 # -- per-store session -----------------------------------------------------------------------
 
@@ -82,6 +87,7 @@ class _Session:
     root: str | None = None            # the root of that chain (realpath)
     head: dict[str, Any] | None = None  # manifest the record is relative to (None: untrusted)
     since_base: dict[str, "RowSet"] = field(default_factory=dict)  # rows modified since baseline
+    written: dict[str, "RowSet"] = field(default_factory=dict)  # rows that may differ from init
     restores: int = 0                   # restores in the chain's history
     job: "_Job | None" = None           # the write in flight (or the last one)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -119,7 +125,8 @@ class CheckpointHandle:
         self.kind = kind
         self.reason = reason
         self.stall_s = 0.0
-        self.stats: dict[str, Any] = {}
+        self.snapshot: dict[str, Any] = {}  # where the stall went
+        self.stats: dict[str, Any] = {}     # the background write, once done
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._manifest: dict[str, Any] | None = None
@@ -236,6 +243,7 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
               scheme: quant.Scheme, state_dtype: str, restores: int, keep: int | None,
               step: int | None, reader: Any, extra_state: dict[str, Any] | None,
               zstd_level: int, lock: fmt.RootLock) -> "_Job":
+    t_start = time.perf_counter()
     names = store.tables()
     specs = {n: store.open_table(n).spec for n in names}
     for spec in specs.values():
@@ -260,8 +268,15 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
         forced = f"scheme changed from {quant.Scheme.from_json(head['scheme']).name}/" \
                  f"{head['state_dtype']} to {scheme.name}/{state_dtype}"
 
+    t_take = time.perf_counter()
+    trusted = forced is None
     cumulative = opts.increment_kind == "cumulative" and opts.policy != "full"
-    if forced is None and cumulative:
+    if trusted:
+        # every row written since the baseline was modified since (the write path marks it),
+        # so the session's record of written rows stays exact without scanning the store
+        for n in names:
+            sess.written[n].add(mods[n])
+    if trusted and cumulative:
         since = sess.since_base
         for n in names:
             since[n].add(mods[n])
@@ -272,23 +287,20 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
         if cumulative:
             for n in names:
                 since[n].add(mods[n])
-    written: dict[str, np.ndarray] = {}
-
-    def written_count() -> int:
-        for n in names:
-            if n not in written:
-                written[n] = store.written_rows(n)
-        return sum(len(w) for w in written.values())
 
     decision = decide(opts, forced, head["cycle"] if head else None,
                       sum(len(u) for u in union.values()), sum(len(m) for m in mods.values()),
-                      written_count)
+                      lambda: sum(sess.written[n].count() for n in names))
     kind = decision.kind
     if kind == "full":
-        written_count()
-        rows = written
+        if trusted:
+            rows = {n: sess.written[n].rows() for n in names}
+        else:
+            rows = {n: store.written_rows(n) for n in names}
+            sess.written = {n: RowSet(specs[n], rows[n]) for n in names}
     else:
         rows = union if kind == "cumulative" else mods
+    t_decide = time.perf_counter()
 
     snaps = {}
     for n in names:
@@ -296,10 +308,12 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
             np.empty((0, specs[n].dim), specs[n].layout.np_dtype),
             np.empty((0, specs[n].layout.state_dim), np.float32))
         snaps[n] = _TableSnap(specs[n], _table_scheme(specs[n], scheme), rows[n], w, s)
+    t_read = time.perf_counter()
     dense = None
     if extra_state is not None:
         from tierstore.ckpt import dense as dense_mod
         dense = dense_mod.snapshot(extra_state)
+    t_dense = time.perf_counter()
     pause("snapshot")
 
     seq = fmt.next_seq(root)
@@ -328,6 +342,9 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
                        "rows": int(len(snaps[n].rows))} for n in names},
     }
     handle = CheckpointHandle(os.path.join(root, name), kind, decision.reason)
+    handle.snapshot = {"take_modified_s": t_take - t_start, "decide_s": t_decide - t_take,
+                       "read_rows_s": t_read - t_decide, "extra_state_s": t_dense - t_read,
+                       "rows": int(sum(len(r) for r in rows.values()))}
     job = _Job(handle, root, body, snaps, dense, zstd_level, keep, lock, sess)
 
     # the session now stands at the new checkpoint; a failed write sends it back to a baseline
