@@ -21,7 +21,8 @@ from tierstore.config import TableSpec
 from tierstore.errors import InvalidInput
 from tierstore.optim import kernels
 from tierstore.tiers import pins, shm
-from tierstore.tiers.ddr import Bypass, SlabWriter, _sum_contributions
+from tierstore.tiers.marks import RowMarks
+from tierstore.tiers.ddr import Bypass, SlabWriter, _sum_contributions, bypass_map
 
 if TYPE_CHECKING:
     from tierstore.client.connection import Connection
@@ -37,15 +38,6 @@ def _map(desc: list, writable: bool) -> tuple[shm.Segment, np.ndarray]:
     name, shape, dtype = desc
     seg = shm.attach(name, tuple(shape), np.dtype(dtype), writable=writable)
     return seg, seg.array
-
-
-def first_occurrence(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct values in first-occurrence order, index of each input value in them)."""
-    u, first, inv = np.unique(values, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(u), dtype=np.int64)
-    rank[order] = np.arange(len(u))
-    return u[order], rank[inv]
 
 
 class AttachedTable(SlabWriter):
@@ -81,6 +73,7 @@ class AttachedTable(SlabWriter):
             self.weights_t = torch.from_numpy(self.weights)
         self.seq = int(self.header[pins.SEQ])
         self._init_scratch()
+        self._rows = RowMarks(self.spec.num_rows, self.spec.id_space == "dense")
 
     def _attach(self, desc: list, writable: bool) -> np.ndarray:
         seg, arr = _map(desc, writable)
@@ -120,13 +113,22 @@ class AttachedTable(SlabWriter):
         _, out = self._pin(ids)
         pos = out.astype(np.int64)
         miss = pos == 0
-        miss_rows, where = first_occurrence(ids[miss])
+        miss_at = np.flatnonzero(miss)
+        miss_rows, where = self._rows.first_occurrence(ids[miss_at])
         hit_slots = _EMPTY
-        if self.tracks_hits and not miss.all():
-            hit_slots = np.unique(pos[~miss]) - 1
+        if self.tracks_hits and len(miss_at) < len(ids):
+            hit_slots = self._distinct_slots(pos[~miss])
         got, bypass = self.conn._resolve(self, miss_rows, hit_slots, len(ids))
-        pos[miss] = got[where]
+        pos[miss_at] = got[where]
+        if bypass is not None:  # which ids read which bypass row, known without a search
+            bypass.where, bypass.k = bypass_map(got, where, miss_at)
         return pos, bypass
+
+    def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
+        """Distinct policy slots (position - 1) of resident positions."""
+        out = np.empty(len(pos), dtype=np.int64)
+        u = kernels.distinct_positions(pos, self._mark, out)
+        return out[:u] - 1
 
     def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
               grad: torch.Tensor) -> None:
@@ -160,4 +162,4 @@ class AttachedTable(SlabWriter):
         self._segments.clear()
 
 
-__all__ = ["AttachedTable", "Stale", "first_occurrence"]
+__all__ = ["AttachedTable", "Stale"]

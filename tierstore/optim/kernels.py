@@ -181,3 +181,23 @@ def offsets_status(offsets, n):
     if offsets[offsets.shape[0] - 1] != n:
         return 3
     return 0
+
+
+@numba.njit(**_JIT)
+def first_occurrence(ids, mark, out_rows, out_idx):
+    """Distinct ``ids`` in first-occurrence order into out_rows (returns how many) and, for
+    each id, its index in them into out_idx. ``mark`` (int32, one per possible id) is all 0 on
+    entry and on return."""
+    u = 0
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        m = mark[r]
+        if m == 0:
+            u += 1
+            mark[r] = u
+            out_rows[u - 1] = r
+            m = u
+        out_idx[i] = m - 1
+    for j in range(u):
+        mark[out_rows[j]] = 0
+    return u

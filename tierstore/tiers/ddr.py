@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from tierstore.cache.base import CachePolicy
-from tierstore.cache.slots import distinct_in_order
 from tierstore.ckpt.tracker import ModifiedRows
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
 from tierstore.tiers import pins, shm
 from tierstore.tiers.index import DenseIndex, HashIndex
+from tierstore.tiers.marks import RowMarks
 
 _EMPTY = np.empty(0, dtype=np.int64)
 _KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
@@ -55,14 +55,33 @@ class Bypass:
     rows: np.ndarray
     w: np.ndarray
     s: np.ndarray
+    #: precomputed result of :meth:`positions` when the producer already knows it
+    where: np.ndarray | None = None
+    k: np.ndarray | None = None
 
     def positions(self, ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in the batch that read a bypass row, index of that row in self.rows)."""
+        if self.where is not None:
+            return self.where, self.k
         where = np.flatnonzero(pos == 0)
         order = np.argsort(self.rows)
         k = order[np.searchsorted(self.rows, ids[where], sorter=order)]
         return where, k
 
+
+
+def bypass_map(got: np.ndarray, where: np.ndarray, miss_at: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """For a batch whose distinct missing rows got positions ``got`` (0 = not admitted, in the
+    order the bypass rows are listed), ``where`` (index of each missing id among the distinct
+    rows) and ``miss_at`` (batch positions of the missing ids): the (batch positions, bypass
+    row index) pairs of :meth:`Bypass.positions`."""
+    k_of_row = np.full(len(got), -1, dtype=np.int64)
+    out = got == 0
+    k_of_row[out] = np.arange(int(out.sum()))
+    k = k_of_row[where]
+    sel = k >= 0
+    return miss_at[sel], k[sel]
 
 
 class SlabWriter:
@@ -166,6 +185,7 @@ class DDRCache(SlabWriter):
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
         self._init_scratch()
+        self._rows = RowMarks(spec.num_rows, spec.id_space == "dense")
 
     # -- residency -------------------------------------------------------------------------
     def end_op(self) -> None:
@@ -216,20 +236,22 @@ class DDRCache(SlabWriter):
             self._record_all_hits(pos)
             return pos, None
         n = len(ids)
-        miss_rows = distinct_in_order(ids[miss])
+        miss_at = np.flatnonzero(miss)
+        miss_rows, where = self._rows.first_occurrence(ids[miss_at])
         self.counters["lookups"] += n
         self.counters["misses"] += len(miss_rows)
         self.counters["hits"] += n - len(miss_rows)
         hit_slots = self._distinct_slots(pos[~miss]) if self._track_hits else _EMPTY
         adm = self.policy.access(hit_slots, miss_rows)
         self._admit(miss_rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
-        pos[miss] = self.positions(ids[miss])
+        got = self.positions(miss_rows)
+        pos[miss_at] = got[where]
         rest = miss_rows[~adm.admit]
         if len(rest) == 0:
             return pos, None
         self.counters["bypassed"] += len(rest)
         w, s = self.backing.read(rest)
-        return pos, Bypass(rest, w, s)
+        return pos, Bypass(rest, w, s, *bypass_map(got, where, miss_at))
 
     def _admit(self, rows: np.ndarray, pos: np.ndarray) -> None:
         if len(rows) == 0:
