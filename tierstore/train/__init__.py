@@ -1,0 +1,1 @@
+"""Training recipes over tierstore tables: the `tierstore train` loop, metrics, plots."""
