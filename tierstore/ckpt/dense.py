@@ -17,9 +17,13 @@ from typing import Any
 
 import torch
 
-# DCP warns on every single-process save/load; that is the intended use here.
-warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or "
-                        r"uninitialized", category=UserWarning)
+
+
+def _quiet() -> None:
+    """DCP warns on every single-process save/load, which is the intended use here. The
+    filter is (re)installed per call: callers such as pytest reset filters between uses."""
+    warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable "
+                            r"or uninitialized", category=UserWarning)
 
 DENSE_DIR = "dense"
 
@@ -42,6 +46,7 @@ def save(state: dict[str, Any], ckpt_dir: str) -> list[str]:
     if not isinstance(state, dict):
         raise TypeError(f"extra_state must be a dict, got {type(state).__name__}")
     path = os.path.join(ckpt_dir, DENSE_DIR)
+    _quiet()
     dcp.save(state, checkpoint_id=path, no_dist=True)
     return sorted(os.path.join(DENSE_DIR, f) for f in os.listdir(path))
 
@@ -51,10 +56,9 @@ def load(ckpt_dir: str, template: dict[str, Any] | None = None) -> dict[str, Any
     way) it is loaded in place and returned; without, everything is read back as saved."""
     import torch.distributed.checkpoint as dcp
     path = os.path.join(ckpt_dir, DENSE_DIR)
+    _quiet()
     if template is not None:
         dcp.load(template, checkpoint_id=path, no_dist=True)
         return template
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _load_state_dict_from_keys(checkpoint_id=path)
+    return _load_state_dict_from_keys(checkpoint_id=path)

@@ -4,7 +4,8 @@ A chain root holds one directory per checkpoint::
 
     <root>/.lock                      flock'ed by the one process writing checkpoints here
     <root>/ckpt-000007/               a checkpoint (committed iff manifest.json exists)
-        manifest.json                 JSON, with a CRC32 of its own body
+        manifest.json                 JSON, with a CRC32 of its own body (and written in the
+                                      one canonical layout, so any changed byte shows)
         <table>.<part>.ids.zst        row ids of one part (delta-encoded, zstd)
         <table>.<part>.w.zst          the part's weights (tierstore.quant.EncodedRows, zstd)
         <table>.<part>.s.zst          its optimizer state at fp32/fp16 (absent for SGD)
@@ -133,8 +134,8 @@ def remove_checkpoint_dir(root: str, name: str) -> None:
     """Delete a checkpoint directory crash-safely: rename it to ``.del-<name>`` (after which
     it is no longer listed), fsync the root, then remove the files."""
     src = os.path.join(root, name)
-    dst = os.path.join(root, DEL_PREFIX + name)
-    if not name.startswith(DEL_PREFIX):
+    dst = src if name.startswith(DEL_PREFIX) else os.path.join(root, DEL_PREFIX + name)
+    if dst != src:
         if os.path.exists(dst):
             shutil.rmtree(dst, ignore_errors=True)
         os.rename(src, dst)
@@ -267,6 +268,10 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _text(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
 def write_manifest(dirpath: str, body: dict[str, Any]) -> None:
     """Write the manifest (with its own CRC32) to a temporary name, fsync, rename into place
     (the commit) and fsync the directory."""
@@ -274,7 +279,7 @@ def write_manifest(dirpath: str, body: dict[str, Any]) -> None:
     doc = dict(body)
     doc["manifest_crc32"] = zlib.crc32(_canonical(body))
     tmp = os.path.join(dirpath, MANIFEST + ".tmp")
-    write_file(tmp, json.dumps(doc, indent=1, sort_keys=True).encode())
+    write_file(tmp, _text(doc))
     pause("manifest")
     os.rename(tmp, os.path.join(dirpath, MANIFEST))
     fsync_dir(dirpath)
@@ -300,6 +305,8 @@ def read_manifest(dirpath: str) -> dict[str, Any]:
         raise bad(f"not valid JSON ({e})") from None
     if not isinstance(doc, dict) or "manifest_crc32" not in doc:
         raise bad("not a checkpoint manifest")
+    if _text(doc) != text:  # the file is the one serialization of its content: any byte
+        raise bad("damaged (its bytes are not what was written)")  # changed shows
     crc = doc.pop("manifest_crc32")
     if zlib.crc32(_canonical(doc)) != crc:
         raise bad("checksum mismatch (the manifest was changed or damaged)")
