@@ -8,6 +8,7 @@
     tierstore ckpt save|list|restore|verify   incremental, quantized checkpoints
     tierstore stats --run-dir DIR [--json] figures of a running tierstored (like Redis INFO)
     tierstore stats --path DIR [--json]    per-table and per-tier figures of a store
+    tierstore data prepare SRC OUT         Criteo TSV(.gz) -> memory-mappable shards
 """
 
 from __future__ import annotations
@@ -137,6 +138,32 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(json.dumps(res, indent=2))
     return 0
 
+
+def cmd_data_prepare(a: argparse.Namespace) -> int:
+    import warnings
+    from tierstore.data import MalformedLine, MalformedLineWarning, prepare
+    name = "tierstore data prepare"
+
+    def show(message, category, filename, lineno, file=None, line=None):  # no source lines
+        print(f"{name}: warning: {message}", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", MalformedLineWarning)
+            warnings.showwarning = show
+            m = prepare(a.src, a.out, shard_rows=a.shard_rows, strict=a.strict,
+                        progress=not a.json)
+    except MalformedLine as e:
+        print(f"{name}: {e} (--strict; nothing written)", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    src = m["source"]
+    res = {"out": a.out, "rows": m["rows"], "shards": len(m["shards"]), "lines": src["lines"],
+           "malformed": src["malformed"], "hash": m["hash"]}
+    _emit(res, a.json, f"{a.out}: {m['rows']:,} rows in {len(m['shards'])} shards from "
+          f"{src['lines']:,} lines ({src['malformed']:,} malformed lines skipped)")
+    return 0
 
 def _ckpt_fail(name: str, e: Exception) -> int:
     print(f"tierstore ckpt {name}: {e}", file=sys.stderr)
@@ -373,6 +400,18 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated parts: forward,train,two,scm,idle")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_bench_service)
+
+    dt = sub.add_parser("data", help="click data for training (docs/data.md)")
+    ds = dt.add_subparsers(dest="data", required=True)
+    pr = ds.add_parser("prepare", help="convert a Criteo TSV(.gz) into memory-mappable shards")
+    pr.add_argument("src", help="Criteo TSV file, plain or gzip")
+    pr.add_argument("out", help="new directory for the prepared dataset")
+    pr.add_argument("--shard-rows", type=int, default=1 << 21,
+                    help="rows per shard (the last shard is the eval split)")
+    pr.add_argument("--strict", action="store_true",
+                    help="fail on the first malformed line instead of skipping it")
+    pr.add_argument("--json", action="store_true", help="print one JSON summary")
+    pr.set_defaults(fn=cmd_data_prepare)
     _add_ckpt_parsers(sub, bs)
     return p
 
