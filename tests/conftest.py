@@ -1,3 +1,4 @@
+from tierstore.daemon.launch import ServiceProcess
 import numpy as np
 import pytest
 import torch
@@ -50,59 +51,17 @@ def deterministic_single_thread():
     torch.set_num_threads(threads)
 
 
-class Service:
-    """A real ``tierstored`` process for a test (``python -m tierstore.daemon``)."""
+class Service(ServiceProcess):
+    """A real ``tierstored`` process for a test (``python -m tierstore.daemon``), logging at
+    info level under ``root``."""
 
     def __init__(self, root, ddr_bytes="8MiB", extra=()):
-        import os
-        self.root = str(root)
-        self.run_dir = os.path.join(self.root, "run")
-        self.data_dir = os.path.join(self.root, "data")
-        self.ddr_bytes = ddr_bytes
-        self.extra = list(extra)
-        self.proc = None
-        self.log_path = os.path.join(self.root, "tierstored.log")
-
-    def start(self, timeout=30.0):
-        import os
-        import subprocess
-        import sys
-        import time
-        from tierstore.client import connect
-        cmd = [sys.executable, "-m", "tierstore.daemon", "--run-dir", self.run_dir,
-               "--data-dir", self.data_dir, "--ddr-bytes", str(self.ddr_bytes), *self.extra]
-        os.makedirs(self.root, exist_ok=True)
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stderr=self.log, stdout=self.log,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tierstored exited {self.proc.returncode}: {self.logs()}")
-            try:
-                connect(self.run_dir).close()
-                return self
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError(f"tierstored did not start: {self.logs()}")
-
-    def connect(self, mode="write"):
-        from tierstore.client import connect
-        return connect(self.run_dir, mode=mode)
-
-    def logs(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        super().__init__(str(root), ddr_bytes, extra=extra, log_level="info")
 
     def stop(self, sig=None, timeout=30.0):
         """SIGTERM (default) and wait; returns the exit code."""
         import signal
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(sig or signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self.log.close()
-        return rc
+        return super().stop(sig or signal.SIGTERM, timeout)
 
 
 @pytest.fixture

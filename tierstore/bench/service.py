@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 import tierstore as ts
+from tierstore.daemon.launch import ServiceProcess
 from tierstore.bench.workload import Batch, make_batches
 
 PARTS = ("forward", "train", "two", "scm", "idle")
@@ -56,72 +57,12 @@ TARGETS = {"forward": 0.85, "train": 0.85, "two": 1.6, "scm": 0.5, "idle_percent
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-# -- a tierstored process -------------------------------------------------------------------
-class Daemon:
-    """A ``tierstored`` subprocess (``python -m tierstore.daemon``) with its own run and data
-    directories under ``root``; logs go to ``root/tierstored.log``."""
+# -- a tierstored process ----------------------------------------------------------------------
+class Daemon(ServiceProcess):
+    """The benchmark's ``tierstored``: a :class:`ServiceProcess` with the given DRAM and policy."""
 
     def __init__(self, root: str, ddr_bytes: int, policy: str = "adaptive") -> None:
-        self.root = root
-        self.run_dir = os.path.join(root, "run")
-        self.data_dir = os.path.join(root, "data")
-        self.log_path = os.path.join(root, "tierstored.log")
-        self.ddr_bytes = int(ddr_bytes)
-        self.policy = policy
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> "Daemon":
-        from tierstore.client import connect
-        os.makedirs(self.root, exist_ok=True)
-        cmd = [sys.executable, "-m", "tierstore.daemon", "--run-dir", self.run_dir,
-               "--data-dir", self.data_dir, "--ddr-bytes", str(self.ddr_bytes),
-               "--policy", self.policy, "--log-level", "warning"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=_ENV)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tierstored exited with {self.proc.returncode}: {self.logs()}")
-            try:
-                connect(self.run_dir).close()
-                return self
-            except ts.ConnectionLost:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"tierstored did not start within {timeout:g} s: {self.logs()}")
-
-    def connect(self, mode: str = "write"):
-        from tierstore.client import connect
-        return connect(self.run_dir, mode=mode)
-
-    def logs(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-4000:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the service process so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 120.0) -> int | None:
-        """SIGTERM and wait (the service writes back dirty rows first); SIGKILL if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        super().__init__(root, int(ddr_bytes), policy)
 
 
 # -- helpers --------------------------------------------------------------------------------
