@@ -51,8 +51,9 @@ def same(x, y):
         assert np.array_equal(x[t][2], y[t][2]), t
 
 
-@pytest.mark.parametrize("policy", ckpt.POLICIES)
-def test_policies_restore_exactly(tmp_path, rng, policy):
+@pytest.mark.parametrize("policy,kw", [(p, {}) for p in ckpt.POLICIES] + [
+    ("intermittent", {"increments": "consecutive"}), ("intermittent", {"rebaseline_at": 0.9})])
+def test_policies_restore_exactly(tmp_path, rng, policy, kw):
     """fp32 checkpoints of every policy restore bit for bit, newest and older ones, after more
     training; the kinds follow the policy."""
     st = make_store(tmp_path / "s")
@@ -60,7 +61,7 @@ def test_policies_restore_exactly(tmp_path, rng, policy):
     paths, states, kinds = [], [], []
     for i in range(5):
         train(st, rng)
-        p = st.checkpoint(root, policy=policy, bits=32, keep=None, step=i, wait=True)
+        p = st.checkpoint(root, policy=policy, bits=32, keep=None, step=i, wait=True, **kw)
         paths.append(p)
         states.append(dump(st))
         kinds.append(ckpt.list_checkpoints(root)[-1]["kind"])
@@ -69,7 +70,8 @@ def test_policies_restore_exactly(tmp_path, rng, policy):
     if policy in want:
         assert kinds == want[policy]
     else:
-        assert kinds[0] == "full" and kinds[1] == "cumulative"
+        inc = "delta" if kw.get("increments") == "consecutive" else "cumulative"
+        assert kinds[0] == "full" and set(kinds) == {"full", inc}, kinds
     train(st, rng)
     for i in (4, 1, 3, 0):
         res = st.restore(paths[i])
