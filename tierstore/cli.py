@@ -331,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
+    from tierstore.train.command import add_parser as add_train_parser
+    add_train_parser(sub)
+
     d = sub.add_parser("demo", help="run the engine end to end on synthetic data")
     d.add_argument("--steps", type=int, default=300, help="training-like steps per policy")
     d.add_argument("--json", action="store_true", help="print one JSON summary")

@@ -27,7 +27,7 @@ def entropy(labels: np.ndarray) -> float:
 def normalized_entropy(logloss: float, labels: np.ndarray) -> float:
     """NE (He et al., 2014): log loss divided by the entropy of the base rate; below 1 means
     better than predicting the average click rate."""
-    return logloss / entropy(labels)
+    return float(logloss / entropy(labels))
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
