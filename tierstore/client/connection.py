@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,14 @@ SOCKET_NAME = "tierstored.sock"
 REPLY_TIMEOUT_S = 120.0  # a reply slower than this means a wedged service
 _RETRIES = 8  # re-attachments in a row before giving up on a table that keeps moving
 
-_ERRORS: dict[str, type[Exception]] = {
-    name: cls for name, cls in vars(errors).items()
-    if isinstance(cls, type) and issubclass(cls, Exception)
-}
+def _error_classes() -> dict[str, type[Exception]]:
+    from tierstore.ckpt.format import CheckpointError, CorruptCheckpoint
+    found = {name: cls for name, cls in vars(errors).items()
+             if isinstance(cls, type) and issubclass(cls, Exception)}
+    return {**found, "CheckpointError": CheckpointError, "CorruptCheckpoint": CorruptCheckpoint}
+
+
+_ERRORS = _error_classes()
 
 
 def _raise_reply(reply: dict[str, Any]) -> None:
@@ -294,6 +299,46 @@ class Connection:
     def flush(self) -> None:
         """Write back every dirty row and make the store durable."""
         self._call({"op": "flush"})
+
+    def checkpoint(self, root: str | os.PathLike, policy: str = "intermittent", bits: int = 4,
+                   quant: str = "adaptive", *, extra_state: dict[str, Any] | None = None,
+                   wait: bool = False, **kw: Any) -> str:
+        """The service writes the next checkpoint of the chain under ``root`` (a path on this
+        host) and returns its path; the same arguments as :meth:`tierstore.Store.checkpoint`
+        (``step``, ``reader``, ``keep``, ...). Rows are snapshot before the reply; the write
+        goes on in the service's background (``wait=True`` or :meth:`wait_checkpoint`).
+        ``extra_state`` (dense parameters, optimizer state: tensors and plain values) is saved
+        alongside. Call it between steps: rows are captured as they are when read."""
+        root = os.path.abspath(os.fspath(root))
+        msg: dict[str, Any] = {"op": "checkpoint", "root": root, "policy": policy,
+                               "bits": bits, "quant": quant, "wait": wait, **kw}
+        if extra_state is not None:
+            os.makedirs(root, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix=".extra-state-", suffix=".pt", dir=root)
+            os.close(fd)
+            torch.save(extra_state, path)
+            msg["extra_state_file"] = path
+        return self._call(msg)["path"]
+
+    def wait_checkpoint(self) -> dict[str, Any] | None:
+        """Wait for the service's checkpoint write in flight; its result (or None)."""
+        return self._call({"op": "wait_checkpoint"})["result"]
+
+    def restore(self, path: str | os.PathLike,
+                extra_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The service restores checkpoint ``path`` (its whole chain) and this process loads
+        the dense state saved with it (into ``extra_state`` in place when given, as
+        torch.distributed.checkpoint does). Attached tables move to new slabs transparently.
+        Returns the restore's summary with ``extra_state``."""
+        path = os.path.abspath(os.fspath(path))
+        info = self._call({"op": "restore", "path": path})["result"]
+        for name in list(self._tables):  # their slabs were replaced
+            self._detach_local(name)
+        from tierstore.ckpt import dense
+        where = info.get("path") or path
+        info["extra_state"] = (dense.load(where, extra_state)
+                               if os.path.isdir(os.path.join(where, dense.DENSE_DIR)) else None)
+        return info
 
     def shutdown(self) -> None:
         """Ask the service to stop (it writes back every dirty row first)."""

@@ -363,27 +363,31 @@ class Service:
             raise
 
     async def _retire_changed(self, after: dict[str, TableSpec]) -> list[DDRCache]:
-        """Before the store re-plans DRAM: retire every attached slab whose capacity changes
-        and wait until no client holds a pin in it (clients then attach again)."""
+        """Before the store re-plans DRAM: retire every slab whose capacity changes."""
         shares = self.store._shares(after)
-        changing = [n for n, o in self.store._open.items()
-                    if n in after and o.cache is not None and o.cache.capacity != shares[n]]
-        for name in changing:
+        return await self._retire([n for n, o in self.store._open.items()
+                                   if n in after and o.cache is not None
+                                   and o.cache.capacity != shares[n]])
+
+    async def _retire(self, names: list[str]) -> list[DDRCache]:
+        """Retire the slabs of ``names`` and wait until no client holds a pin in them; their
+        attachments are dropped (clients get Stale and attach again to the new slab)."""
+        for name in names:
             self.store._open[name].cache.retire()
         deadline = time.monotonic() + REPLAN_TIMEOUT_S
-        while any(self._pinned(name).any() for name in changing):
+        while any(self._pinned(name).any() for name in names):
             if time.monotonic() > deadline:
-                for name in changing:  # nothing changed: un-retire
+                for name in names:  # nothing changed: un-retire
                     self.store._open[name].cache.ctrl[pins.RETIRED] = 0
                 raise TierstoreError("a client kept rows of a table pinned for "
                                      f"{REPLAN_TIMEOUT_S:g} s; try again")
             await asyncio.sleep(0.002)
         for other in self.clients.values():
-            for name in changing:
+            for name in names:
                 if name in other.attached:
                     self._fold(name, other.attached[name])
                     other.attached.pop(name).close()
-        return [self.store._open[name].cache for name in changing]
+        return [self.store._open[name].cache for name in names]
 
     def _pinned(self, table: str) -> np.ndarray:
         cache = self.store._open[table].cache
@@ -582,6 +586,57 @@ class Service:
                          "max_batch": self.cfg.max_batch}
         return st
 
+    def _op_checkpoint(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """Write the next checkpoint of the chain under ``root`` (tierstore/ckpt). The rows are
+        snapshot synchronously (clients write the shared slab directly, so copy-on-write
+        cannot see their updates); quantize/compress/write run in a background thread.
+        ``extra_state_file``: a torch.save'd dict (dense state) written by the client, loaded
+        with weights_only and deleted."""
+        from tierstore import ckpt
+        root = self._arg(msg, "root", str)
+        opts = {k: msg[k] for k in ("step", "reader", "keep", "rebaseline_at",
+                                    "expected_restores", "state_dtype") if k in msg}
+        extra = msg.get("extra_state_file")
+        if extra is not None:
+            if not isinstance(extra, str) or not os.path.isfile(extra):
+                raise InvalidInput(f"extra_state_file {extra!r} is not a file")
+            opts["extra_state"] = torch.load(extra, weights_only=True)
+            os.unlink(extra)
+        handle = ckpt.checkpoint(self.store, root, msg.get("policy", "intermittent"),
+                                 msg.get("bits", 4), msg.get("quant", "adaptive"),
+                                 **self._snapshot_mode(ckpt), **opts)
+        if msg.get("wait"):
+            handle.wait()
+        log.info("client %d: checkpoint %s (%s)", c.id, handle.path, handle.kind)
+        return {"path": handle.path, "kind": handle.kind}
+
+    @staticmethod
+    def _snapshot_mode(ckpt: Any) -> dict[str, Any]:
+        """snapshot="sync" where the checkpoint code offers a copy-on-write default."""
+        import inspect
+        params = inspect.signature(ckpt.checkpoint).parameters
+        return {"snapshot": "sync"} if "snapshot" in params else {}
+
+    def _op_wait_checkpoint(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        from tierstore import ckpt
+        info = ckpt.wait(self.store)
+        return {"result": _jsonable(info)}
+
+    async def _op_restore(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """Restore a checkpoint (its whole chain): every attached table moves to a new slab
+        (clients attach again); the dense state stays in the checkpoint directory for the
+        client to load (tierstore.ckpt.dense.load)."""
+        from tierstore import ckpt
+        path = self._arg(msg, "path", str)
+        async with self._replan:
+            attached = sorted({n for o in self.clients.values() for n in o.attached})
+            retired = await self._retire(attached)
+            with self._unretire_on_error(retired):
+                info = ckpt.restore(self.store, path)
+        info.pop("extra_state", None)
+        log.info("client %d restored %s", c.id, path)
+        return {"result": _jsonable(info)}
+
     def _op_flush(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
         self.store.flush()
         return {}
@@ -598,8 +653,22 @@ class Service:
         "hello": _op_hello, "tables": _op_tables, "create_table": _op_create_table,
         "drop_table": _op_drop_table, "attach": _op_attach, "detach": _op_detach,
         "resolve": _op_resolve, "apply": _op_apply, "stats": _op_stats, "flush": _op_flush,
-        "shutdown": _op_shutdown,
+        "shutdown": _op_shutdown, "checkpoint": _op_checkpoint,
+        "wait_checkpoint": _op_wait_checkpoint, "restore": _op_restore,
     }
+
+
+def _jsonable(x: Any) -> Any:
+    """Numbers, strings, lists and dicts of a result, numpy scalars/arrays made plain."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
 
 
 def serve(cfg: ServiceConfig) -> None:
