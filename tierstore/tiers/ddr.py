@@ -345,13 +345,21 @@ class DDRCache(SlabWriter):
 
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Current weights and state of ``rows`` (DRAM if resident, else SCM), without
-        admitting anything or counting lookups."""
-        w, s = self.backing.read(rows)
+        admitting anything or counting lookups. SCM is read only for the rows not resident
+        (reading a never-written row there means generating it)."""
         pos = self.positions(rows)
         res = pos > 0
-        if res.any():
-            w[res] = self.weights[pos[res]]
-            s[res] = self.state[pos[res]]
+        if res.all():
+            return self.weights[pos], self.state[pos]
+        if not res.any():
+            return self.backing.read(rows)
+        w = np.empty((len(rows), self.spec.dim), dtype=self.weights.dtype)
+        s = np.empty((len(rows), self.state.shape[1]), dtype=np.float32)
+        out = ~res
+        w[out], s[out] = self.backing.read(rows[out])
+        p = pos[res]
+        w[res] = self.weights[p]
+        s[res] = self.state[p]
         return w, s
 
     def dirty_rows(self) -> int:
