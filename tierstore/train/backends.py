@@ -88,6 +88,27 @@ class Backend:
         mine = [tables[n] for n in self.specs if n in tables]
         return sum(t["hits"] for t in mine), sum(t["lookups"] for t in mine)
 
+    def checkpoint(self, root: str, step: int, extra_state: dict[str, Any],
+                   reader: dict[str, Any], bits: int) -> str:
+        """The next checkpoint of the run's chain under ``root`` (rows quantized to ``bits``,
+        their optimizer state kept at fp32 so a resumed run continues exactly when bits=32;
+        dense state and reader position alongside); returns its path."""
+        quant = "adaptive" if bits < 16 else "none"
+        return self.conn.checkpoint(root, bits=bits, quant=quant, step=step, reader=reader,
+                                    extra_state=extra_state, state_dtype="fp32")
+
+    def restore(self, path: str) -> dict[str, Any]:
+        """Bring the tables back to checkpoint ``path``; its summary with ``extra_state``."""
+        return self.conn.restore(path)
+
+    def wait_checkpoints(self) -> None:
+        """Until the checkpoint write in flight (if any) is on disk."""
+        if self.cfg.backend == "tierstored":
+            self.conn.wait_checkpoint()
+        elif self.conn is not None:
+            from tierstore import ckpt
+            ckpt.wait(self.conn)
+
     def flush(self) -> None:
         if self.conn is not None:
             self.conn.flush()

@@ -5,6 +5,7 @@ writes back, evaluates and summarises."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from typing import Any
@@ -64,6 +65,14 @@ class Run:
         self.eval_batches = self._eval_set()
         self.step = 0
         self.log: dict[str, list] = {"train_loss": [], "eval": [], "hit_rate": []}
+        self.ckpt_root = cfg.checkpoint_dir or (os.path.join(cfg.out_dir, "checkpoints")
+                                                if cfg.out_dir else None)
+        if cfg.checkpoint_every and self.ckpt_root is None:
+            self.close()
+            raise ValueError("checkpoint_every needs checkpoint_dir (or out_dir)")
+        self.checkpoint_seconds: list[float] = []
+        if cfg.resume:
+            self.resume(cfg.resume)
 
     def _eval_set(self) -> list[Any]:
         it = batches(self.eval_data, min(self.cfg.batch_size * 4, self.cfg.eval_samples))
@@ -107,6 +116,53 @@ class Run:
         ll = metrics.logloss_from_logits(x, y)
         return {"logloss": ll, "ne": metrics.normalized_entropy(ll, y), "auc": metrics.auc(x, y)}
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    def dense_state(self) -> dict[str, Any]:
+        """Model parameters as tensors; the optimizer's state dict as torch.save bytes (its
+        integer-keyed nesting does not survive DCP's flattening without a template, and
+        Adam's state does not exist before the first step to make one)."""
+        buf = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buf)
+        return {"model": dict(self.model.state_dict()), "optimizer": buf.getvalue(),
+                "step": self.step}
+
+    def checkpoint(self) -> str:
+        """Rows (quantized), dense state and reader position; the stall is timed."""
+        t0 = time.perf_counter()
+        path = self.backend.checkpoint(self.ckpt_root, self.step, self.dense_state(),
+                                       self.reader.state_dict(), self.cfg.checkpoint_bits)
+        self.checkpoint_seconds.append(time.perf_counter() - t0)
+        return path
+
+    def resume(self, path: str) -> None:
+        """Tables, dense state, optimizer state, step and reader position from ``path``."""
+        info = self.backend.restore(path)
+        state = info.get("extra_state")
+        if not state:
+            raise ValueError(f"checkpoint {path} holds no dense state to resume a run from")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(torch.load(io.BytesIO(state["optimizer"]),
+                                                  weights_only=True))
+        self.step = int(state["step"])
+        if info.get("reader"):
+            self.reader.load_state_dict(info["reader"])
+
+    def checkpoint_summary(self) -> dict[str, Any] | None:
+        if not self.ckpt_root or not os.path.isdir(self.ckpt_root):
+            return None
+        from tierstore.ckpt import list_checkpoints
+        self.backend.wait_checkpoints()
+        cks = list_checkpoints(self.ckpt_root)
+        if not cks:
+            return None
+        full = sum(s.num_rows * (s.dim + s.layout.state_dim) * 4 for s in self.specs.values())
+        return {"root": self.ckpt_root, "count": len(cks),
+                "bytes_written": int(sum(c["bytes"] for c in cks)),
+                "newest": cks[-1]["path"], "newest_restore_bytes": cks[-1]["restore_bytes"],
+                "full_fp32_bytes": full * len(cks), "one_full_fp32_bytes": full,
+                "stall_seconds_median": float(np.median(self.checkpoint_seconds))
+                if self.checkpoint_seconds else None}
+
     def close(self) -> None:
         self.backend.close()
 
@@ -140,6 +196,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
             if cfg.eval_every and r.step % cfg.eval_every == 0:
                 r.log["eval"].append(r.evaluate())
+            if cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0:
+                r.checkpoint()
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -162,6 +220,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "hit_rate_log": r.log["hit_rate"],
             "dram_fraction": cfg.dram_fraction if cfg.backend != "torch" else 1.0,
             "tables": len(r.specs), "rows": int(sum(r.rows)),
+            "checkpoints": r.checkpoint_summary(),
         }
     finally:
         r.close()
