@@ -173,7 +173,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     r = Run(cfg)
     interrupted = False
     bar = tqdm(total=cfg.steps if cfg.time_limit is None else None, disable=not progress,
-               unit="step", dynamic_ncols=True, desc=f"train {cfg.model}/{cfg.backend}")
+               unit="step", dynamic_ncols=True, mininterval=1.0,
+               desc=f"train {cfg.model}/{cfg.backend}")
     hits0, look0 = r.backend.hit_counts()
     last_hits, last_look = hits0, look0
     train_time, t_start = 0.0, time.perf_counter()
