@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 
 def plot_run(summary: dict[str, Any], path: str) -> None:
     """Write a PNG of ``summary`` (from :func:`tierstore.train.loop.run`) to ``path``."""
@@ -15,9 +17,16 @@ def plot_run(summary: dict[str, Any], path: str) -> None:
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
                                  gridspec_kw={"height_ratios": [2, 1]})
     tl = summary["train_loss"]
-    ax.plot([p["step"] for p in tl], [p["loss"] for p in tl], lw=1, label="train loss")
+    steps, losses = [p["step"] for p in tl], [p["loss"] for p in tl]
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, color="tab:blue", label="train loss (one batch)")
+    k = max(1, len(losses) // 40)
+    if k > 1:  # the trend: mean over k logged batches
+        kernel = np.ones(k) / k
+        ax.plot(steps[k - 1:], np.convolve(losses, kernel, mode="valid"), lw=1.5,
+                color="tab:blue", label=f"train loss (mean of {k})")
     ev = summary["eval"]
-    ax.plot([p["step"] for p in ev], [p["logloss"] for p in ev], "o-", label="eval log loss")
+    ax.plot([p["step"] for p in ev], [p["logloss"] for p in ev], "o-", color="tab:orange",
+            label="eval log loss")
     planted = summary.get("planted")
     if planted:
         ax.axhline(planted["logloss"], color="gray", ls="--", lw=1,
