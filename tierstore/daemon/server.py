@@ -184,6 +184,11 @@ class Service:
         try:
             refusal = self._check_peer(writer)
             if refusal:
+                try:  # answer its first request, so the client reads the refusal as the reply
+                    await asyncio.wait_for(self._read(reader), BODY_TIMEOUT_S)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError,
+                        protocol.ProtocolError):
+                    pass
                 await self._send(writer, {"ok": False, "error": refusal, "type": "AccessDenied"})
                 return
             while not self._stop.is_set():
