@@ -268,6 +268,24 @@ class Store:
         r = checks.ids(rows, e.spec).numpy()
         return e.cache.read_rows(r)
 
+    def snapshot_rows(self, table: str | Table, rows: Any) -> Any:
+        """Start a copy-on-write snapshot (:class:`tierstore.tiers.ddr.CowSnapshot`) of
+        ``rows`` (sorted distinct ids): their values as of now, copied later, by
+        ``snapshot.fill(lo, hi)`` (snapshot rows [lo, hi)) or by the first change to each row,
+        into ``snapshot.weights`` / ``snapshot.state``; ``snapshot.release()`` when done.
+        Costs a flag per row now instead of a copy; one snapshot per table at a time. Changes
+        that bypass this Store (clients of the service writing its shared slab) are not seen:
+        snapshot those synchronously (read_rows).
+        Raises InvalidInput."""
+        from tierstore.optim import kernels
+        e = self._entry(table)
+        r = checks.ids(rows, e.spec, check_range=False).numpy()
+        if not kernels.strictly_increasing(r):
+            raise InvalidInput(f"table {e.spec.name!r}: snapshot_rows needs sorted distinct ids")
+        if len(r):  # sorted: the ends are the range
+            checks.id_range(torch.from_numpy(r[[0, -1]]), e.spec)
+        return e.cache.snapshot_rows(r)
+
     def written_rows(self, table: str | Table) -> np.ndarray:
         """Sorted ids of every row whose value may differ from its initial value (written to
         SCM at some point, or updated in DRAM): what a full checkpoint must hold."""
@@ -290,6 +308,8 @@ class Store:
                                f"[{len(r)}, {e.spec.layout.state_dim}]")
         if len(np.unique(r)) != len(r):
             raise InvalidInput(f"table {e.spec.name!r}: write_rows needs distinct ids")
+        if e.cache.cow is not None:  # a snapshot in progress keeps the old values first
+            e.cache.cow.copy_before_write(r)
         pos = e.cache.positions(r)
         res = pos > 0
         if res.any():
@@ -301,7 +321,8 @@ class Store:
 
     def reset_table(self, table: str | Table) -> None:
         """Every row back to its initial value with zero optimizer state (DRAM emptied, SCM
-        cleared, modification record cleared). The table's spec is kept."""
+        cleared, modification record cleared). The table's spec is kept. A snapshot in
+        progress copies its pending rows first (closing the tier drains it)."""
         e = self._entry(table)
         e.cache.close()
         e.backing.clear()

@@ -2,11 +2,28 @@
 
 :func:`checkpoint` stalls the caller only to snapshot: ``take_modified`` of every table (once
 per table per checkpoint, whatever the kind, so the record always means "since the previous
-checkpoint"), the policy decision, and ``read_rows`` of the rows to save into memory (plus a
-copy of ``extra_state``). A background thread then quantizes, compresses, writes, fsyncs and
-commits; numba's kernels, zstd and file writes release the GIL, so training goes on meanwhile.
-One writer at a time: a new checkpoint of a store first waits for the previous one's write,
-and a root is flock'ed by the process writing it.
+checkpoint"), the policy decision, the snapshot of the rows to save (plus a copy of
+``extra_state``). A background thread then quantizes, compresses, writes, fsyncs and commits;
+numba's kernels, zstd and file writes release the GIL, so training goes on meanwhile. One
+writer at a time: a new checkpoint of a store first waits for the previous one's write, and a
+root is flock'ed by the process writing it.
+
+The snapshot of the rows (``snapshot=``):
+
+- ``"cow"`` (copy-on-write; the default for an embedded :class:`tierstore.Store`): the caller
+  only marks the rows pending (``Store.snapshot_rows``: a flag per row); the background thread
+  copies them chunk by chunk (``COW_CHUNK_ROWS`` per hold of the table's snapshot lock) just
+  before encoding them, and every path that changes row values (the optimizer update, on
+  DRAM or SCM; ``write_rows``; ``reset_table``, ``drop_table`` and anything else that closes
+  a DRAM tier) first copies the still-pending rows it is about to change. The checkpoint
+  holds exactly the values at the call, like ``"sync"``; the stall is a flag per row, and the
+  steps right after the call pay for copying the pending rows they update (once per row).
+- ``"sync"``: the caller copies every row to save (``read_rows``) before returning. Needed
+  where rows change behind the Store's back: the service (``tierstored``), whose clients write
+  the shared slab directly, so copy-on-write cannot see their updates.
+- ``"auto"`` (default): ``"cow"`` for a Store with private DRAM tiers, ``"sync"`` for one that
+  shares them (``shm_unlink=False``, the service's) and for objects without
+  ``snapshot_rows``.
 
 What lets a chain continue is kept per Store object (:class:`_Session`): the checkpoint the
 store's modified-row record is relative to (the *head*), the rows modified since the head's
@@ -34,6 +51,7 @@ from tierstore.ckpt import format as fmt
 from tierstore.ckpt.hooks import pause
 from tierstore.ckpt.policy import PolicyOptions, decide
 from tierstore.config import TableSpec
+from tierstore.optim import kernels
 from tierstore.optim.sparse import SGD, Adagrad, RowWiseAdagrad
 
 #: Optimizers whose update touches only the rows of the batch: a row not written keeps its
@@ -41,6 +59,13 @@ from tierstore.optim.sparse import SGD, Adagrad, RowWiseAdagrad
 #: decay is applied to the gradient of the rows in the batch only.)
 ROW_SPARSE_OPTIMIZERS = (SGD, RowWiseAdagrad, Adagrad)
 STATE_DTYPES = ("fp32", "fp16")
+SNAPSHOTS = ("auto", "cow", "sync")
+#: copy-on-write snapshots: rows the writer copies per hold of a table's snapshot lock (the
+#: training thread waits at most one such copy when it touches a pending row or evicts)
+COW_CHUNK_ROWS = 16384
+#: tests: called by the writer thread as ``hook(table, lo, hi)`` after copying snapshot rows
+#: [lo, hi) of a copy-on-write snapshot, outside the lock
+_fill_hook: Any = None
 DEFAULT_KEEP = 2
 DEFAULT_ZSTD_LEVEL = 1
 
@@ -55,11 +80,13 @@ def check_row_sparse(spec: TableSpec) -> None:
 
 class RowSet:
     """Rows modified since a baseline: a flag per row for dense tables (pages never marked
-    cost nothing), a sorted array for sparse-id tables."""
+    cost nothing) with a running count, a sorted array for sparse-id tables. Dense updates
+    and listings are numba passes: they are part of a checkpoint's stall."""
 
     def __init__(self, spec: TableSpec, rows: np.ndarray | None = None) -> None:
-        self.flags = np.zeros(spec.num_rows, bool) if spec.id_space == "dense" else None
+        self.flags = np.zeros(spec.num_rows, np.uint8) if spec.id_space == "dense" else None
         self.ids = np.empty(0, np.int64)
+        self._count = 0
         if rows is not None:
             self.add(rows)
 
@@ -67,15 +94,19 @@ class RowSet:
         if len(rows) == 0:
             return
         if self.flags is not None:
-            self.flags[rows] = True
+            self._count += int(kernels.mark_rows(self.flags,
+                                                 np.asarray(rows, dtype=np.int64)))
         else:
             self.ids = np.union1d(self.ids, rows)
 
     def rows(self) -> np.ndarray:
-        return np.flatnonzero(self.flags) if self.flags is not None else self.ids
+        if self.flags is None:
+            return self.ids
+        out = np.empty(self._count + 1, np.int64)
+        return out[:kernels.flagged_rows(self.flags, out, False)]
 
     def count(self) -> int:
-        return int(np.count_nonzero(self.flags)) if self.flags is not None else len(self.ids)
+        return self._count if self.flags is not None else len(self.ids)
 
 
 # -- per-store session -----------------------------------------------------------------------
@@ -159,6 +190,36 @@ class _TableSnap:
     rows: np.ndarray
     weights: np.ndarray
     state: np.ndarray
+    #: copy-on-write: weights/state are filled by cow.fill (the writer) and by the write path
+    cow: Any = None
+
+    def fill(self, name: str, lo: int, hi: int) -> None:
+        """Make rows [lo, hi) of weights/state final (copy-on-write: copy the pending ones)."""
+        if self.cow is None:
+            return
+        for a in range(lo, hi, COW_CHUNK_ROWS):
+            b = min(hi, a + COW_CHUNK_ROWS)
+            self.cow.fill(a, b)
+            if _fill_hook is not None:
+                _fill_hook(name, a, b)
+
+    def release(self) -> None:
+        if self.cow is not None:
+            self.cow.release()
+
+
+def resolve_snapshot(store: Any, snapshot: str) -> str:
+    """"cow" or "sync" for ``snapshot`` ("auto" | "cow" | "sync") on this store."""
+    if snapshot not in SNAPSHOTS:
+        raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, got {snapshot!r}")
+    can_cow = callable(getattr(store, "snapshot_rows", None))
+    if snapshot == "auto":
+        # a store sharing its slabs (the service's) has writers copy-on-write cannot see
+        return "cow" if can_cow and getattr(store, "shm_unlink", True) else "sync"
+    if snapshot == "cow" and not can_cow:
+        raise ValueError(f"snapshot='cow' needs a store with snapshot_rows "
+                         f"({type(store).__name__} has none)")
+    return snapshot
 
 
 def _table_scheme(spec: TableSpec, scheme: quant.Scheme) -> quant.Scheme:
@@ -190,7 +251,8 @@ def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent"
                expected_restores: int | None = None, state_dtype: str = "fp32",
                keep: int | None = DEFAULT_KEEP, step: int | None = None,
                reader: Any = None, extra_state: dict[str, Any] | None = None,
-               zstd_level: int = DEFAULT_ZSTD_LEVEL, wait: bool = False) -> CheckpointHandle:
+               zstd_level: int = DEFAULT_ZSTD_LEVEL, snapshot: str = "auto",
+               wait: bool = False) -> CheckpointHandle:
     """Take the next checkpoint of the chain under ``root`` (see the module docstring).
 
     policy: full | incremental | consecutive | intermittent (:mod:`tierstore.ckpt.policy`).
@@ -200,6 +262,9 @@ def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent"
     keep: retention, the newest ``keep`` chains (baseline + increments) are kept; None = all.
     step, reader: the training step and data-reader position (JSON), kept in the manifest.
     extra_state: dense state saved through torch.distributed.checkpoint.
+    snapshot: "cow" (rows copied on write, stall ~ a flag per row), "sync" (rows copied before
+        returning; the service, whose clients write the slab directly) or "auto" (cow unless
+        the store shares its slabs): see the module docstring.
     wait: block until committed (tests, the CLI).
     Returns a :class:`CheckpointHandle` (``.path``, ``.wait()``).
     """
@@ -212,6 +277,7 @@ def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent"
         raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
     if extra_state is not None and not isinstance(extra_state, dict):
         raise TypeError(f"extra_state must be a dict, got {type(extra_state).__name__}")
+    mode = resolve_snapshot(store, snapshot)
     root = os.path.realpath(os.fspath(root))
     sess = session(store)
     t0 = time.perf_counter()
@@ -223,10 +289,13 @@ def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent"
         scheme = quant.Scheme.parse(effective_bits(bits, expected_restores, restores),
                                     quant_kind if bits not in (16, 32) else "none")
         lock = fmt.RootLock(root)
+        started: list = []
         try:
             job = _snapshot(store, sess, root, opts, scheme, state_dtype, restores, keep, step,
-                            reader, extra_state, zstd_level, lock)
+                            reader, extra_state, zstd_level, lock, mode, started)
         except BaseException as e:
+            for cow in started:  # abandoned: its pending rows are no longer copied
+                cow.release()
             lock.release()
             sess.head = None  # modifications may have been taken: the next one is a baseline
             sess.untrusted_reason = f"the previous checkpoint call failed ({e})"
@@ -242,7 +311,14 @@ def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent"
 def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
               scheme: quant.Scheme, state_dtype: str, restores: int, keep: int | None,
               step: int | None, reader: Any, extra_state: dict[str, Any] | None,
-              zstd_level: int, lock: fmt.RootLock) -> "_Job":
+              zstd_level: int, lock: fmt.RootLock, mode: str = "sync",
+              started: list | None = None) -> "_Job":
+    """The caller's part of a checkpoint: take the modified rows, decide the kind, snapshot
+    the rows (``mode`` "cow" | "sync"); returns the job that writes it. Copy-on-write
+    snapshots are appended to ``started`` as they are taken (the caller releases them if this
+    raises)."""
+    if started is None:
+        started = []
     t_start = time.perf_counter()
     names = store.tables()
     specs = {n: store.open_table(n).spec for n in names}
@@ -302,12 +378,20 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
         rows = union if kind == "cumulative" else mods
     t_decide = time.perf_counter()
 
-    snaps = {}
+    snaps: dict[str, _TableSnap] = {}
     for n in names:
-        w, s = store.read_rows(n, rows[n]) if len(rows[n]) else (
-            np.empty((0, specs[n].dim), specs[n].layout.np_dtype),
-            np.empty((0, specs[n].layout.state_dim), np.float32))
-        snaps[n] = _TableSnap(specs[n], _table_scheme(specs[n], scheme), rows[n], w, s)
+        tscheme = _table_scheme(specs[n], scheme)
+        if not len(rows[n]):
+            snaps[n] = _TableSnap(specs[n], tscheme, rows[n],
+                                  np.empty((0, specs[n].dim), specs[n].layout.np_dtype),
+                                  np.empty((0, specs[n].layout.state_dim), np.float32))
+        elif mode == "cow":
+            cow = store.snapshot_rows(n, rows[n])
+            started.append(cow)
+            snaps[n] = _TableSnap(specs[n], tscheme, cow.rows, cow.weights, cow.state, cow)
+        else:
+            w, s = store.read_rows(n, rows[n])
+            snaps[n] = _TableSnap(specs[n], tscheme, rows[n], w, s)
     t_read = time.perf_counter()
     dense = None
     if extra_state is not None:
@@ -342,9 +426,10 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
                        "rows": int(len(snaps[n].rows))} for n in names},
     }
     handle = CheckpointHandle(os.path.join(root, name), kind, decision.reason)
+    # read_rows_s: the rows' snapshot (a copy for "sync", pending flags for "cow")
     handle.snapshot = {"take_modified_s": t_take - t_start, "decide_s": t_decide - t_take,
                        "read_rows_s": t_read - t_decide, "extra_state_s": t_dense - t_read,
-                       "rows": int(sum(len(r) for r in rows.values()))}
+                       "rows": int(sum(len(r) for r in rows.values())), "mode": mode}
     job = _Job(handle, root, body, snaps, dense, zstd_level, keep, lock, sess)
 
     # the session now stands at the new checkpoint; a failed write sends it back to a baseline
@@ -388,6 +473,8 @@ class _Job:
             fmt.fsync_dir(self.root)
             pause("begin")
             chunks, raw_in = self._write_rows()
+            for snap in self.snaps.values():  # every row copied: the write path stops checking
+                snap.release()
             dense = None
             if self.dense is not None:
                 from tierstore.ckpt import dense as dense_mod
@@ -410,7 +497,10 @@ class _Job:
             with_cpu = time.thread_time() - c0
             h.stats = {"bytes": body["bytes"], "input_bytes": raw_in,
                        "rows": int(sum(len(s.rows) for s in self.snaps.values())),
-                       "write_s": time.perf_counter() - t0, "write_cpu_s": with_cpu}
+                       "write_s": time.perf_counter() - t0, "write_cpu_s": with_cpu,
+                       "rows_copied_on_write": int(sum(s.cow.copied_on_write
+                                                       for s in self.snaps.values()
+                                                       if s.cow is not None))}
             self.sess.head = body
             self.sess.untrusted_reason = None
             self.snaps = {}
@@ -434,6 +524,8 @@ class _Job:
             warnings.warn(f"checkpoint {h.path} failed: "
                           f"{''.join(traceback.format_exception_only(type(e), e)).strip()}")
         finally:
+            for snap in self.snaps.values():
+                snap.release()
             self.snaps = {}
             self.dense = None
             self.lock.release()
@@ -448,6 +540,7 @@ class _Job:
             n = len(snap.rows)
             for part, lo in enumerate(range(0, n, fmt.PART_ROWS)):
                 hi = min(n, lo + fmt.PART_ROWS)
+                snap.fill(name, lo, hi)
                 info = {"table": name, "part": part, "rows": hi - lo}
                 chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.ids.zst",
                                               fmt.encode_ids(snap.rows[lo:hi]), lvl,

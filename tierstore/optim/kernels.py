@@ -201,3 +201,53 @@ def first_occurrence(ids, mark, out_rows, out_idx):
     for j in range(u):
         mark[out_rows[j]] = 0
     return u
+
+
+# -- row flags (modified-row records and checkpoint snapshots) ---------------------------------
+
+@numba.njit(**_JIT)
+def fold_modified(modified, row_of_pos, flags):
+    """For every slab position p whose ``modified`` flag is set: clear it and set
+    ``flags[row_of_pos[p]]`` (per-row flags of a dense table). Returns how many."""
+    n = 0
+    for p in range(modified.shape[0]):
+        if modified[p]:
+            modified[p] = 0
+            flags[row_of_pos[p]] = 1
+            n += 1
+    return n
+
+
+@numba.njit(**_JIT)
+def mark_rows(flags, rows):
+    """flags[rows] = 1; returns how many of them were 0 before (rows distinct)."""
+    n = 0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        n += flags[r] == 0
+        flags[r] = 1
+    return n
+
+
+@numba.njit(**_JIT)
+def flagged_rows(flags, out, clear):
+    """Indices of the non-zero ``flags``, ascending, into ``out`` (at least their count + 1
+    long: the loop is branchless); clears those flags if ``clear`` (and only those, so pages
+    never marked stay untouched). Returns how many."""
+    n = 0
+    for r in range(flags.shape[0]):
+        out[n] = r
+        n += flags[r] != 0
+    if clear:
+        for j in range(n):
+            flags[out[j]] = 0
+    return n
+
+
+@numba.njit(**_JIT)
+def strictly_increasing(rows):
+    """True if ``rows`` is sorted with no duplicates."""
+    for i in range(1, rows.shape[0]):
+        if rows[i] <= rows[i - 1]:
+            return False
+    return True

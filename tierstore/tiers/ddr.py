@@ -19,6 +19,7 @@ written back to SCM when evicted and on flush().
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,117 @@ def bypass_map(got: np.ndarray, where: np.ndarray, miss_at: np.ndarray
     k = k_of_row[where]
     sel = k >= 0
     return miss_at[sel], k[sel]
+
+
+class CowSnapshot:
+    """A copy-on-write snapshot of some rows of one table: their values at the moment it was
+    taken, copied later (checkpoints, ``tierstore/ckpt/writer.py``).
+
+    Taking it only marks the rows *pending* (dense tables: a byte per table row, zero pages
+    cost nothing; sparse tables: a flag per snapshot row, found by binary search). Then
+    :meth:`fill` (the checkpoint's writer thread) copies pending rows chunk by chunk, and every
+    path that changes row values first calls :meth:`copy_before_write` with the rows it is
+    about to change, which copies those still pending; either way a copied row stops being
+    pending, so each row is copied exactly once, with its value at snapshot time. ``lock``
+    serializes the copies with each other and, while the snapshot is attached to its tier,
+    with admissions and evictions (a row moving between DRAM and SCM), so a copy never reads a
+    slot being refilled. Flags only go from pending to copied, so the write path may test them
+    without the lock: a row it sees as not pending can be changed right away.
+
+    Not covered: updates that bypass :class:`DDRCache` (clients of the service writing the
+    shared slab directly); the service therefore snapshots synchronously.
+    """
+
+    def __init__(self, cache: "DDRCache", rows: np.ndarray) -> None:
+        self.cache: DDRCache | None = cache
+        self.rows = rows  # sorted distinct int64
+        n = len(rows)
+        self.weights = np.empty((n, cache.spec.dim), dtype=cache.weights.dtype)
+        self.state = np.empty((n, cache.state.shape[1]), dtype=np.float32)
+        self.lock = threading.Lock()
+        if cache.spec.id_space == "dense":
+            self._flags: np.ndarray | None = np.zeros(cache.spec.num_rows, dtype=np.uint8)
+            kernels.mark_rows(self._flags, rows)
+            self._still = None
+        else:
+            self._flags = None
+            self._still = np.ones(n, dtype=bool)
+        #: rows not copied yet (changed under the lock only)
+        self.left = n
+        #: rows copied by the write path (the rest were copied by fill)
+        self.copied_on_write = 0
+
+    def _pending_at(self, k: np.ndarray) -> np.ndarray:
+        """Which snapshot rows ``k`` (indices into self.rows) are still pending."""
+        if self._flags is not None:
+            return self._flags[self.rows[k]] != 0
+        return self._still[k]
+
+    def _clear(self, k: np.ndarray) -> None:
+        if self._flags is not None:
+            self._flags[self.rows[k]] = 0
+        else:
+            self._still[k] = False
+        self.left -= len(k)
+
+    def _copy(self, k: np.ndarray) -> int:
+        """Copy the still-pending snapshot rows among ``k`` (indices, ascending); caller holds
+        the lock. Returns how many were copied."""
+        if self.cache is None or self.left == 0 or len(k) == 0:
+            return 0
+        k = k[self._pending_at(k)]
+        if len(k) == 0:
+            return 0
+        w, s = self.cache.read_rows(self.rows[k])
+        self.weights[k] = w
+        self.state[k] = s
+        self._clear(k)
+        return len(k)
+
+    def copy_before_write(self, ids: np.ndarray) -> None:
+        """The write path: copy the pending rows among ``ids`` (valid ids, duplicates allowed)
+        before they change. Costs one gather of flags (dense) or one binary search (sparse)
+        over ``ids`` when nothing of theirs is pending."""
+        if self.left == 0 or len(ids) == 0:
+            return
+        if self._flags is not None:
+            hit = self._flags[ids] != 0
+            if not hit.any():
+                return
+            k = np.searchsorted(self.rows, np.unique(ids[hit]))
+        else:
+            k = np.searchsorted(self.rows, ids)
+            k[k == len(self.rows)] = 0
+            hit = (self.rows[k] == ids) & self._still[k]
+            if not hit.any():
+                return
+            k = np.unique(k[hit])
+        with self.lock:
+            self.copied_on_write += self._copy(k)
+
+    def fill(self, lo: int, hi: int) -> int:
+        """The writer: copy the pending rows among snapshot rows [lo, hi) (one lock hold).
+        Returns how many were copied."""
+        with self.lock:
+            return self._copy(np.arange(lo, min(hi, len(self.rows)), dtype=np.int64))
+
+    def drain(self) -> None:
+        """Copy every pending row now and detach (the tier is about to go away)."""
+        with self.lock:
+            self._copy(np.arange(len(self.rows), dtype=np.int64))
+            self._detach()
+
+    def release(self) -> None:
+        """Detach from the tier (the snapshot is written, or abandoned); rows still pending
+        are no longer copied."""
+        with self.lock:
+            self._detach()
+
+    def _detach(self) -> None:
+        if self.cache is not None and self.cache.cow is self:
+            self.cache.cow = None
+        self.cache = None
+        self.left = 0
 
 
 class SlabWriter:
@@ -186,6 +298,8 @@ class DDRCache(SlabWriter):
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
         self._init_scratch()
         self._rows = RowMarks(spec.num_rows, spec.id_space == "dense")
+        #: the copy-on-write snapshot in progress (a checkpoint being written), if any
+        self.cow: CowSnapshot | None = None
 
     # -- residency -------------------------------------------------------------------------
     def end_op(self) -> None:
@@ -256,6 +370,14 @@ class DDRCache(SlabWriter):
     def _admit(self, rows: np.ndarray, pos: np.ndarray) -> None:
         if len(rows) == 0:
             return
+        cow = self.cow
+        if cow is None:
+            self._admit_rows(rows, pos)
+            return
+        with cow.lock:  # a snapshot copy must not read a slot being evicted and refilled
+            self._admit_rows(rows, pos)
+
+    def _admit_rows(self, rows: np.ndarray, pos: np.ndarray) -> None:
         old = self.row_of_pos[pos]
         occupied = old >= 0
         if occupied.any():
@@ -292,6 +414,9 @@ class DDRCache(SlabWriter):
         """Apply the table's optimizer: contribution i is ``scale[i] * grad[src[i]]`` to row
         ``ids[i]``; contributions to one row are summed first. Resident rows are updated in the
         slab (and marked dirty); other rows are read, updated and written on SCM."""
+        cow = self.cow
+        if cow is not None:
+            cow.copy_before_write(ids)
         pos = self.positions(ids)
         on_scm = pos == 0
         g = grad.detach().to(torch.float32).contiguous().numpy()
@@ -330,7 +455,16 @@ class DDRCache(SlabWriter):
     def take_modified(self) -> np.ndarray:
         """Sorted distinct rows modified since the last call (or since open); clears the
         record. Flags are cleared before the caller reads the rows, so a concurrent update
-        (a client writing the slab) is either read now or marked again for next time."""
+        (a client writing the slab) is either read now or marked again for next time.
+
+        It is part of a checkpoint's stall: for dense tables one numba pass over the slots
+        and one over the tracker's per-row flags (about 5x numpy's nonzero/scatter/nonzero)."""
+        flags = getattr(self.tracker, "_flags", None)
+        if self.tracker.dense and isinstance(flags, np.ndarray) and flags.dtype == np.uint8:
+            kernels.fold_modified(self.modified, self.row_of_pos, flags)
+            pins.fence()
+            out = np.empty(np.count_nonzero(flags) + 1, dtype=np.int64)
+            return out[:kernels.flagged_rows(flags, out, True)]
         pos = np.flatnonzero(self.modified)
         if len(pos):
             self.modified[pos] = 0
@@ -362,6 +496,18 @@ class DDRCache(SlabWriter):
         s[res] = self.state[p]
         return w, s
 
+    def snapshot_rows(self, rows: np.ndarray) -> CowSnapshot:
+        """Start a copy-on-write snapshot of ``rows`` (sorted distinct int64 ids): see
+        :class:`CowSnapshot`. One at a time per tier."""
+        if self.cow is not None:
+            raise RuntimeError(f"table {self.spec.name!r}: a snapshot is already in progress")
+        snap = CowSnapshot(self, rows)
+        if len(rows):
+            self.cow = snap
+        else:
+            snap.release()
+        return snap
+
     def dirty_rows(self) -> int:
         return int(np.count_nonzero(self.dirty))
 
@@ -375,6 +521,8 @@ class DDRCache(SlabWriter):
         }
 
     def close(self) -> None:
+        if self.cow is not None:  # the snapshot in progress copies its rows before they go
+            self.cow.drain()
         self.weights_t = None
         self.index.close()
         for seg in self._segments:
