@@ -178,6 +178,117 @@ def test_adaptive_search_trims_an_outlier():
     assert _errs(x, Scheme("adaptive", 2))[0] < _errs(x, Scheme("uniform", 2))[0]
 
 
+def _grid_error(x64, a, b, bits):
+    """Exact (float64) squared L2 error per row of the uniform grid on [a, b] (float64 [n])."""
+    top = (1 << bits) - 1
+    s = ((b - a) / top)[:, None]
+    u = (x64 - a[:, None]) / s
+    return (((u - np.clip(np.rint(u), 0, top)) * s) ** 2).sum(axis=1)
+
+
+def _greedy_reference(x, bits, bins=q.BINS, budget=None):
+    """Check-N-Run's greedy walk written plainly (float64, every row walks all the steps):
+    the range with the lowest error among the ones visited, as (lo, hi, its error)."""
+    budget = round(q.MAX_TRIM * bins) if budget is None else budget
+    x64 = x.astype(np.float64)
+    lo, hi = x64.min(axis=1), x64.max(axis=1)
+    step = (hi - lo) / bins
+    best = _grid_error(x64, lo, hi, bits)
+    cut_lo = np.zeros(len(x))
+    cut_hi = np.zeros(len(x))
+    best_lo, best_hi = lo.copy(), hi.copy()
+    for _ in range(budget):
+        e_lo = _grid_error(x64, lo + (cut_lo + 1) * step, hi - cut_hi * step, bits)
+        e_hi = _grid_error(x64, lo + cut_lo * step, hi - (cut_hi + 1) * step, bits)
+        up = e_lo <= e_hi
+        cut_lo += up
+        cut_hi += ~up
+        e = np.where(up, e_lo, e_hi)
+        better = e < best
+        best = np.where(better, e, best)
+        best_lo = np.where(better, lo + cut_lo * step, best_lo)
+        best_hi = np.where(better, hi - cut_hi * step, best_hi)
+    return best_lo, best_hi, best
+
+
+@pytest.mark.parametrize("bits", q.QUANT_BITS)
+def test_adaptive_search_matches_the_greedy_walk(bits, rng):
+    """The vectorized search (16 rows side by side, early stop) picks the range the plain walk
+    picks: the same one but for float32 near-ties, and then one as good."""
+    gauss = rng.standard_normal((333, 64)).astype(np.float32)     # 333: a short last block
+    heavy = rng.standard_t(3, (200, 64)).astype(np.float32)
+    spiky = rng.standard_normal((100, 48)).astype(np.float32)
+    spiky[np.arange(100), rng.integers(0, 48, 100)] *= 6.0
+    for x in (gauss, heavy, spiky):
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        alo, ahi = np.empty_like(lo), np.empty_like(hi)
+        q._adaptive_search(x, lo, hi, bits, q.BINS, round(q.MAX_TRIM * q.BINS), alo, ahi)
+        rlo, rhi, rerr = _greedy_reference(x, bits)
+        err = _grid_error(x.astype(np.float64), alo.astype(np.float64), ahi.astype(np.float64),
+                          bits)
+        width = (hi - lo).astype(np.float64)
+        same = (np.abs(alo - rlo) < 1e-4 * width) & (np.abs(ahi - rhi) < 1e-4 * width)
+        assert same.mean() >= 0.98, same.mean()
+        assert err.mean() <= rerr.mean() * (1 + 1e-4)
+
+
+def test_adaptive_search_odd_rows():
+    """Flat rows, rows below float16's resolution and rows whose width overflows float32 are
+    not searched (their range is kept); they sit among searched rows in a block."""
+    x = np.random.default_rng(5).standard_normal((20, 8)).astype(np.float32)
+    x[1] = 2.5
+    x[2] = np.linspace(0, 1e-35, 8)
+    x[3, :4], x[3, 4:] = -3e38, 3e38
+    x[3, 0] = 1.0
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    for bits in q.QUANT_BITS:
+        alo, ahi = np.empty_like(lo), np.empty_like(hi)
+        q._adaptive_search(x, lo, hi, bits, q.BINS, round(q.MAX_TRIM * q.BINS), alo, ahi)
+        np.testing.assert_array_equal(alo[1:4], lo[1:4])
+        np.testing.assert_array_equal(ahi[1:4], hi[1:4])
+        assert ((alo >= lo) & (ahi <= hi) & (alo < ahi))[[0] + list(range(4, 20))].all()
+        dec = q.decode(q.encode(x, Scheme("adaptive", bits)))
+        assert np.isfinite(dec).all()
+
+
+def _fp16_params_reference(lo, hi, bits):
+    """float16 (scale, bias) of ranges [lo, hi] with numpy's float16: bias rounded down and
+    scale up; a flat range gets scale 0 and its value rounded to nearest."""
+    lo = np.clip(lo, -q.FP16_MAX, q.FP16_MAX).astype(np.float64)
+    hi = np.clip(hi, -q.FP16_MAX, q.FP16_MAX).astype(np.float64)
+    flat = ~(hi > lo)
+    bias = lo.astype(np.float16)
+    down = (bias.astype(np.float64) > lo) & ~flat
+    bias[down] = np.nextafter(bias[down], np.float16(-np.inf))
+    s = np.where(flat, 0.0, (hi - bias.astype(np.float64)) / ((1 << bits) - 1))
+    scale = s.astype(np.float16)
+    up = scale.astype(np.float64) < s
+    scale[up] = np.nextafter(scale[up], np.float16(np.inf))
+    return scale, bias
+
+
+@pytest.mark.parametrize("bits", q.QUANT_BITS)
+def test_float16_grid_parameters(bits, rng):
+    """The kernels' own float16 rounding (down for the bias, up for the scale, nearest for flat
+    rows) gives numpy's float16 values, subnormals, ties and the clip at 65504 included."""
+    f16 = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    pts = np.concatenate([
+        rng.standard_normal(3000) * 10.0 ** rng.integers(-9, 5, 3000),
+        rng.choice(f16, 500) * rng.choice([-1, 1], 500),                 # exact float16 values
+        (f16[1:] + f16[:-1])[rng.integers(0, len(f16) - 1, 500)] / 2,     # float16 ties
+        [0.0, -0.0, 6e-8, -6e-8, 3e-8, 6.1e-5, 65504.0, -65504.0, 7e4, -1e6, 65519.0]]).astype(
+        np.float32)
+    lo = rng.choice(pts, 4000)
+    hi = np.maximum(lo, rng.choice(pts, 4000))
+    hi[:500] = lo[:500]                                                   # flat rows
+    hi[500:1000] = lo[500:1000] + np.abs(lo[500:1000]) * 1e-3
+    x = np.stack([lo, hi], axis=1)
+    enc = q.encode(x, Scheme("uniform", bits))
+    scale, bias = _fp16_params_reference(lo, hi, bits)
+    np.testing.assert_array_equal(enc.scale.view(np.uint16), scale.view(np.uint16))
+    np.testing.assert_array_equal(enc.bias.astype(np.float64), bias.astype(np.float64))
+
+
 @pytest.mark.parametrize("bits", q.QUANT_BITS)
 def test_kmeans_not_worse_than_adaptive_on_average(bits, rng):
     x = rng.standard_normal((400, 64)).astype(np.float32)
