@@ -110,3 +110,19 @@ def test_resume_continues_exactly(tmp_path, backend):
     got = [p["loss"] for p in second["train_loss"]]
     assert second["steps"] == 20 and len(got) == 8
     assert np.max(np.abs(np.array(got) / np.array(want) - 1)) < 1e-6
+
+
+def test_malformed_tsv_lines_skipped_or_strict(tmp_path):
+    good = "\t".join(["1"] + [str(i) for i in range(13)] + ["68fd1e64"] * 26)
+    lines = [good] * 40 + ["garbage line"] + [good] * 20
+    path = tmp_path / "d.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    args = [f"{BIN}/tierstore", "train", "--backend", "torch", "--data", str(path),
+            "--rows-per-table", "100", "--steps", "3", "--batch-size", "8", "--eval-samples",
+            "8", "--no-progress", "--dim", "4", "--json"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "line 41" in out.stderr
+    assert json.loads(out.stdout)["steps"] == 3
+    out = subprocess.run(args[:-1] + ["--steps", "100", "--strict"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "line 41" in out.stderr

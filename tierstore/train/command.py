@@ -33,7 +33,8 @@ def add_parser(sub: Any) -> None:
         flag = "--" + key.replace("_", "-")
         default = getattr(defaults, key)
         kind = float if key in _FLOAT else int if key in _INT else str
-        extra = {"nargs": "+", "type": int} if key in _LIST else {"type": kind}
+        extra = ({"nargs": "+", "type": int} if key in _LIST else
+                 {"action": "store_const", "const": True} if key == "strict" else {"type": kind})
         t.add_argument(flag, dest=key, default=None, help=f"{help_text} (default: {default})",
                        **extra)
     t.add_argument("--json", action="store_true", help="print one JSON summary on stdout")

@@ -33,6 +33,7 @@ class TrainConfig:
     model: str = "dlrm"
     data: str = "synthetic:criteo_kaggle,scale=0.01"
     rows_per_table: int = 1_000_000
+    strict: bool = False
     backend: str = "tierstored"
     run_dir: str | None = None
     store_dir: str | None = None
@@ -95,6 +96,7 @@ KEY_HELP = {
     "data": "synthetic[:PROFILE][,scale=S][,seed=N] (profiles: small, criteo_kaggle, meta) or "
             "a Criteo TSV(.gz) file or a directory made by `tierstore data prepare`",
     "rows_per_table": "rows per table for hashed (non-synthetic) data: ids are taken modulo it",
+    "strict": "TSV data: fail on the first malformed line (default: count, warn and skip it)",
     "backend": f"where the embedding rows live: {', '.join(BACKENDS)}",
     "run_dir": "tierstored backend: run directory of a running service (default: start a "
                "private one for this run and stop it at the end)",

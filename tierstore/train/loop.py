@@ -52,8 +52,8 @@ class Run:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.train_data = open_dataset(cfg.data, split="train")
-        self.eval_data = open_dataset(cfg.data, split="eval")
+        self.train_data = open_dataset(cfg.data, split="train", strict=cfg.strict)
+        self.eval_data = open_dataset(cfg.data, split="eval", strict=cfg.strict)
         first = next(iter(batches(self.train_data, 1)))
         self.keys = list(first.keys)
         self.rows = _rows(cfg, self.train_data, self.keys)
