@@ -434,3 +434,23 @@ def test_checkpoint_and_restore_through_the_service(tmp_path):
                 conn.restore(tmp_path / "nope")
     finally:
         assert svc.stop() == 0
+
+
+def test_hits_served_from_the_slab_reach_the_policy(tmp_path):
+    """LRU through the service: rows a client keeps reading from the shared slab (no request)
+    are recent for the policy, so a later miss evicts the others, not them."""
+    svc = Service(tmp_path / "svc", ddr_bytes="64KiB", extra=["--policy", "lru"]).start()
+    try:
+        with svc.connect() as conn:
+            conn.create_table(_spec(rows=20_000))
+            cap = conn.stats()["tables"]["t"]["capacity_rows"]
+            conn.lookup("t", torch.arange(cap))           # fill DRAM with rows 0..cap-1
+            hot = torch.arange(0, cap // 2)
+            for _ in range(3):
+                conn.lookup("t", hot)                      # all hits: served from the slab
+            conn.lookup("t", torch.arange(cap, cap + cap // 4))  # misses: evict cap/4 rows
+            before = conn.stats()["tables"]["t"]["misses"]
+            conn.lookup("t", hot)
+            assert conn.stats()["tables"]["t"]["misses"] == before, "hot rows were evicted"
+    finally:
+        svc.stop()

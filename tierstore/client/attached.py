@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tierstore.client.connection import Connection
 
 _EMPTY = np.empty(0, dtype=np.int64)
+RECENT_MAX = 1 << 20  # as the service's limit: slots of all-hit batches reported per request
 
 
 class Stale(Exception):
@@ -74,6 +75,8 @@ class AttachedTable(SlabWriter):
         self.seq = int(self.header[pins.SEQ])
         self._init_scratch()
         self._rows = RowMarks(self.spec.num_rows, self.spec.id_space == "dense")
+        self._recent: list[np.ndarray] = []
+        self._recent_n = 0
 
     def _attach(self, desc: list, writable: bool) -> np.ndarray:
         seg, arr = _map(desc, writable)
@@ -105,7 +108,20 @@ class AttachedTable(SlabWriter):
         n = len(out)
         self.header[pins.LOOKUPS] += n
         self.header[pins.HITS] += n
+        if self.tracks_hits and self._recent_n < RECENT_MAX:
+            # tell the policy at the next request which rows this batch used
+            slots = self._distinct_slots(out.astype(np.int64))
+            self._recent.append(slots)
+            self._recent_n += len(slots)
         return torch.from_numpy(out)
+
+    def take_recent(self) -> np.ndarray:
+        """Slots of the all-hit batches since the last request (and forget them)."""
+        if not self._recent:
+            return _EMPTY
+        out = np.concatenate(self._recent)[:RECENT_MAX]
+        self._recent, self._recent_n = [], 0
+        return out
 
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         """Positions of ``ids`` (0: served from the returned Bypass); misses go to the service,

@@ -252,7 +252,8 @@ class Connection:
             chunk = rows[start: start + step]
             h = hits if start == 0 else hits[:0]
             n = lookups - (len(rows) - len(chunk)) if start == 0 else len(chunk)
-            pos, bp = self._resolve_chunk(t, chunk, h, n)
+            recent = t.take_recent() if start == 0 else hits[:0]
+            pos, bp = self._resolve_chunk(t, chunk, h, n, recent)
             parts.append(pos)
             if bp is not None:
                 bypasses.append(bp)
@@ -264,11 +265,14 @@ class Connection:
                            np.concatenate([b.s for b in bypasses]))
 
     def _resolve_chunk(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
-                       lookups: int) -> tuple[np.ndarray, Bypass | None]:
+                       lookups: int, recent: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         off = self._put(0, rows.astype(np.int64, copy=False))
-        self._put(off, hits.astype(np.int64, copy=False))
+        off = self._put(off, hits.astype(np.int64, copy=False))
+        recent = recent[: max(0, (len(self._mailbox) - off) // 16)]  # leave room for replies
+        self._put(off, recent)
         reply = self._call({"op": "resolve", "table": t.name, "rows": len(rows),
-                            "hits": len(hits), "lookups": lookups, "seq": t.seq})
+                            "hits": len(hits), "recent": len(recent), "lookups": lookups,
+                            "seq": t.seq})
         pos, off = self._get(0, np.int64, (len(rows),))
         b = reply["bypass"]
         if not b:

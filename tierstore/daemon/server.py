@@ -40,7 +40,8 @@ from tierstore.tiers.ddr import DDRCache
 log = logging.getLogger("tierstored")
 
 BODY_TIMEOUT_S = 5.0  # a frame's body must follow its header within this time
-REPLAN_TIMEOUT_S = 10.0  # how long create/drop wait for clients to leave a slab being replaced
+REPLAN_TIMEOUT_S = 10.0
+RECENT_MAX = 1 << 20  # slots of earlier all-hit batches a client may report with one request  # how long create/drop wait for clients to leave a slab being replaced
 
 
 class Stale(Exception):
@@ -518,6 +519,7 @@ class Service:
         if h and (len(np.unique(hits)) != h or (cache.row_of_pos[hits + 1] < 0).any()):
             # the policy would count a free slot as occupied and could hand it out twice
             raise InvalidInput(f"table {spec.name!r}: hit slots must be distinct occupied slots")
+        hits = self._with_recent(c, msg, cache, hits, off + 8 * h)
         others = [(a.header, a.pins) for o in self.clients.values()
                   for name, a in o.attached.items() if name == spec.name and a.cache is cache]
         pos, bypass = cache.resolve_for_client(
@@ -533,6 +535,21 @@ class Service:
             off = (off + w.nbytes + 7) // 8 * 8
             self._mailbox(c, off, np.float32, (b, spec.layout.state_dim))[:] = bypass.s
         return {"bypass": b}
+
+    def _with_recent(self, c: Client, msg: dict[str, Any], cache: DDRCache, hits: np.ndarray,
+                     offset: int) -> np.ndarray:
+        """Add the slots of the client's earlier all-hit batches (``recent``, logged since its
+        last request; only a hint for the policy) to ``hits``: slots that are no longer
+        occupied are dropped, not refused (another client's misses may have evicted them)."""
+        r = self._arg(msg, "recent", int, 0) if "recent" in msg else 0
+        if r > RECENT_MAX:
+            raise InvalidInput(f"request field 'recent' must be <= {RECENT_MAX}, got {r}")
+        if not r:
+            return hits
+        recent = self._mailbox(c, offset, np.int64, (r,))
+        recent = recent[(recent >= 0) & (recent < cache.capacity)]
+        recent = recent[cache.row_of_pos[recent + 1] >= 0]
+        return np.union1d(hits, recent) if len(recent) else hits
 
     def _op_apply(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
         att = self._current(c, msg)
