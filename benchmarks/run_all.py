@@ -1,6 +1,6 @@
 """Run the benchmarks and write BENCHMARKS.md.
 
-    python benchmarks/run_all.py --trace PATH [--only cache,lookup,train,scm,service] [--out BENCHMARKS.md]
+    python benchmarks/run_all.py --trace PATH [--only cache,lookup,train,scm,service,dlrm] [--out BENCHMARKS.md]
 
 Each section stores its raw result in benchmarks/results/<section>.json; BENCHMARKS.md is
 rendered from every result file present, so sections can be re-run one at a time. Numbers are
@@ -37,6 +37,9 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
         res = {"reads": scm.bench_reads(), "overhead": scm.bench_overhead()}
     elif name == "service":
         res = service.run(progress=False)
+    elif name == "dlrm":
+        from tierstore.bench import dlrm
+        res = dlrm.run(progress=False)
     elif name == "kernels":
         import subprocess
         out = subprocess.run([sys.executable, os.path.join(HERE, "bench_kernels.py"), "--json"],
@@ -51,7 +54,7 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
             res = json.load(f)
     else:
         raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, kernels, "
-                         f"shampoo, service")
+                         f"shampoo, service, dlrm")
     res["environment"] = common.environment()
     res["seconds"] = round(time.time() - started, 1)
     res["command"] = f"python benchmarks/run_all.py --only {name}" + (
@@ -155,6 +158,14 @@ def render_shampoo(res: dict[str, Any]) -> str:
         f"{'met' if res['ratio_amortized'] <= 1.10 else 'NOT met'}. No GPU was lent, so no GPU ratio."])
 
 
+def render_dlrm(res: dict[str, Any]) -> str:
+    from tierstore.bench.dlrm import table
+    return "\n".join([
+        "Issue 6's numbers: `tierstore train`'s code (tierstore/train) on synthetic data with a "
+        "planted click model; what each part measures: tierstore/bench/dlrm.py.", "",
+        table(res)])
+
+
 def render_kernels(res: dict[str, Any]) -> str:
     lines = ["One table, pooled lookup + backward + row-wise Adagrad, all rows in DRAM, batch 4096.", "",
              "| rows | dim | pooling | fused numba ms | plain torch ms | speedup |",
@@ -210,6 +221,7 @@ SECTIONS = {
     "shampoo": ("Distributed Shampoo step time (issue 5)", render_shampoo),
     "service": ("Through a running tierstored: lookup, training, two clients, 10% DRAM, idle",
                 render_service),
+    "dlrm": ("Training DLRM: backend parity, samples/s, NE (issue 6)", render_dlrm),
 }
 
 
@@ -234,7 +246,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", help="real trace for the cache section (one id per line)")
-    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo,service")
+    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo,service,dlrm")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
     p.add_argument("--jobs", type=int, default=2, help="processes for the cache section")
     p.add_argument("--render-only", action="store_true")

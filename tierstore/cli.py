@@ -90,6 +90,19 @@ def cmd_bench_service(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dlrm(a: argparse.Namespace) -> int:
+    from tierstore.bench import dlrm
+    try:
+        res = dlrm.run(only=a.only, steps=a.steps, scale=a.scale, parity_steps=a.parity_steps,
+                       rounds=a.rounds, timed_steps=a.timed_steps, warmup=a.warmup,
+                       dram_fraction=a.dram_fraction, quality_backend=a.quality_backend,
+                       progress=not a.json)
+    except ValueError as e:
+        raise SystemExit(f"tierstore bench dlrm: {e}") from None
+    _emit(res, a.json, dlrm.table(res))
+    return 0
+
+
 def cmd_stats(a: argparse.Namespace) -> int:
     import tierstore as ts
     if (a.path is None) == (a.run_dir is None):
@@ -403,6 +416,26 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated parts: forward,train,two,scm,idle")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_bench_service)
+    dl = bs.add_parser("dlrm", help="training DLRM through tierstore: backend parity, samples/s "
+                       "vs nn.EmbeddingBag (all DRAM, 10%% DRAM), NE vs planted and logreg")
+    dl.add_argument("--only", type=_words, default=["parity", "throughput", "quality"],
+                    help="comma-separated parts: parity,throughput,quality")
+    dl.add_argument("--steps", type=int, default=2000,
+                    help="quality: training steps of each model (batch 512)")
+    dl.add_argument("--scale", type=float, default=0.05,
+                    help="throughput: synthetic:criteo_kaggle,scale=S (0.05: 1.7M rows)")
+    dl.add_argument("--parity-steps", type=int, default=200, help="parity: steps per run")
+    dl.add_argument("--rounds", type=int, default=5, help="throughput: timed rounds")
+    dl.add_argument("--timed-steps", type=int, default=10,
+                    help="throughput: steps per variant per round")
+    dl.add_argument("--warmup", type=int, default=20,
+                    help="throughput: warm-up steps after the 10%%-DRAM service is full")
+    dl.add_argument("--dram-fraction", type=float, default=0.1,
+                    help="throughput and quality: DRAM share of the store runs")
+    dl.add_argument("--quality-backend", default="tierstored",
+                    choices=["torch", "embedded", "tierstored"])
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(fn=cmd_bench_dlrm)
 
     dt = sub.add_parser("data", help="click data for training (docs/data.md)")
     ds = dt.add_subparsers(dest="data", required=True)
