@@ -97,15 +97,22 @@ def main() -> None:
     if a.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"{a.rows:,} N(0,1) rows x dim {a.dim} (k-means: first {out['kmeans_rows']:,}); "
-          "error = mean relative L2 error per row; MB/s of float32 rows, one thread\n")
-    print("| scheme | bytes/row | vs fp32 | error N(0,1) | error t(3) | encode MB/s | "
-          "encode MB/s best | encode k rows/s | decode MB/s |\n" + "|---" * 9 + "|")
-    for r in results:
-        print(f"| {r['scheme']} | {r['bytes_per_row']:.1f} | {r['compression']:.1f}x | "
-              f"{r['rel_l2_error']:.5f} | {r['rel_l2_error_heavy_tails']:.5f} | "
-              f"{r['encode_mb_s']:,.0f} | {r['encode_mb_s_best']:,.0f} | "
-              f"{r['encode_krows_s']:,.0f} | {r['decode_mb_s']:,.0f} |")
+    print(table(out))
+
+
+def table(out: dict) -> str:
+    """The markdown table of a result (also rendered into BENCHMARKS.md by run_all.py)."""
+    lines = [f"{out['rows']:,} N(0,1) rows x dim {out['dim']} (k-means: first "
+             f"{out['kmeans_rows']:,}); error = mean relative L2 error per row; MB/s of float32 "
+             "rows, one thread", "",
+             "| scheme | bytes/row | vs fp32 | error N(0,1) | error t(3) | encode MB/s | "
+             "encode MB/s best | encode k rows/s | decode MB/s |", "|---" * 9 + "|"]
+    for r in out["schemes"]:
+        lines.append(f"| {r['scheme']} | {r['bytes_per_row']:.1f} | {r['compression']:.1f}x | "
+                     f"{r['rel_l2_error']:.5f} | {r['rel_l2_error_heavy_tails']:.5f} | "
+                     f"{r['encode_mb_s']:,.0f} | {r['encode_mb_s_best']:,.0f} | "
+                     f"{r['encode_krows_s']:,.0f} | {r['decode_mb_s']:,.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

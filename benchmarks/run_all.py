@@ -1,6 +1,9 @@
 """Run the benchmarks and write BENCHMARKS.md.
 
-    python benchmarks/run_all.py --trace PATH [--only cache,lookup,train,scm,service,dlrm] [--out BENCHMARKS.md]
+    python benchmarks/run_all.py --trace PATH [--only SECTION,...] [--out BENCHMARKS.md]
+
+Sections: cache, lookup, train, scm, kernels, shampoo, service, dlrm, ckpt, quant,
+dense_quality (each also runs alone).
 
 Each section stores its raw result in benchmarks/results/<section>.json; BENCHMARKS.md is
 rendered from every result file present, so sections can be re-run one at a time. Numbers are
@@ -52,9 +55,23 @@ def run_section(name: str, trace: str | None, jobs: int) -> dict[str, Any]:
                        check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             res = json.load(f)
+    elif name == "ckpt":
+        from tierstore.bench import ckpt
+        res = ckpt.run(progress=False)
+    elif name == "quant":
+        import subprocess
+        out = subprocess.run([sys.executable, os.path.join(HERE, "bench_quant.py"), "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        res = json.loads(out)
+    elif name == "dense_quality":
+        import subprocess
+        out = os.path.join(RESULTS, "dense_quality.json")
+        subprocess.run([sys.executable, os.path.join(HERE, "bench_dense_quality.py"),
+                        "--json-out", out], check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            res = json.load(f)
     else:
-        raise SystemExit(f"unknown section {name!r}; valid: cache, lookup, train, scm, kernels, "
-                         f"shampoo, service, dlrm")
+        raise SystemExit(f"unknown section {name!r}; valid: {', '.join(SECTIONS)}")
     res["environment"] = common.environment()
     res["seconds"] = round(time.time() - started, 1)
     res["command"] = f"python benchmarks/run_all.py --only {name}" + (
@@ -211,6 +228,27 @@ def render_service(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _script(name: str) -> Any:
+    """A benchmark script of this directory as a module (for its ``table``)."""
+    import importlib
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    return importlib.import_module(name)
+
+
+def render_ckpt(res: dict[str, Any]) -> str:
+    from tierstore.bench.ckpt import table
+    return table(res)
+
+
+def render_quant(res: dict[str, Any]) -> str:
+    return _script("bench_quant").table(res)
+
+
+def render_dense_quality(res: dict[str, Any]) -> str:
+    return _script("bench_dense_quality").table(res)
+
+
 SECTIONS = {
     "cache": ("Cache hit rates through the DRAM tier (issue 2, number 1)", render_cache),
     "lookup": ("Pooled lookup, all rows in DRAM (number 2)", render_lookup),
@@ -222,6 +260,10 @@ SECTIONS = {
     "service": ("Through a running tierstored: lookup, training, two clients, 10% DRAM, idle",
                 render_service),
     "dlrm": ("Training DLRM: backend parity, samples/s, NE (issue 6)", render_dlrm),
+    "ckpt": ("Incremental quantized checkpoints (issue 4)", render_ckpt),
+    "quant": ("Per-row quantization: error and speed (issue 4)", render_quant),
+    "dense_quality": ("Dense optimizers on the DLRM task: Shampoo vs Adagrad vs Adam (issue 5)",
+                      render_dense_quality),
 }
 
 
@@ -246,7 +288,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", help="real trace for the cache section (one id per line)")
-    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo,service,dlrm")
+    p.add_argument("--only", default="cache,lookup,train,scm,kernels,shampoo,service,dlrm,"
+                                     "ckpt,quant,dense_quality")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
     p.add_argument("--jobs", type=int, default=2, help="processes for the cache section")
     p.add_argument("--render-only", action="store_true")
