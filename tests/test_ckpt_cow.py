@@ -253,8 +253,10 @@ def test_snapshot_mode_choice(tmp_path, rng):
 
 
 def test_eviction_waits_for_a_copy_in_progress(tmp_path, rng, monkeypatch):
-    """The writer has found where its rows live (DRAM positions) and not yet read them: an
-    eviction that would refill those slots with other rows must wait for the copy to end."""
+    """The writer has found where its rows live (DRAM positions) and not yet copied them: an
+    eviction that would refill those slots with other rows must wait for the copy to end.
+    The writer's copy kernel is replaced by a numpy equivalent that pauses in between."""
+    from tierstore.optim import kernels
     st = make_store(tmp_path / "s", policy="lru")
     train(st, rng, 4)
     churn(st, rng)
@@ -263,19 +265,23 @@ def test_eviction_waits_for_a_copy_in_progress(tmp_path, rng, monkeypatch):
     st.lookup("a", torch.from_numpy(first))  # the writer's first chunk is resident
     want = dump(st)
     monkeypatch.setattr(writer, "COW_CHUNK_ROWS", 7)
-    idx = st._entry("a").cache.index
-    orig = idx.get
     in_copy, evicted = threading.Event(), threading.Event()
 
-    def get(rows):
-        pos = orig(rows)
-        if threading.current_thread().name.startswith("tierstore-ckpt") and \
-                not in_copy.is_set():
+    def slow_copy(flags, rows, lo, hi, index, weights, state, w_out, s_out, base, missing):
+        k = np.arange(lo, hi)
+        k = k[flags[rows[k]] != 0]
+        pos = index[rows[k]].astype(np.int64)
+        if not in_copy.is_set():
             in_copy.set()
             evicted.wait(0.5)  # the lock holds the eviction back, so this times out
-        return pos
+        res = pos > 0
+        w_out[k[res] - base] = weights[pos[res]]
+        s_out[k[res] - base] = state[pos[res]]
+        flags[rows[k[res]]] = 0
+        missing[:int((~res).sum())] = k[~res]
+        return int(res.sum()), int((~res).sum())
 
-    monkeypatch.setattr(idx, "get", get)
+    monkeypatch.setattr(kernels, "copy_flagged_rows", slow_copy)
     h = ckpt.checkpoint(st, tmp_path / "ck", "full", 32, keep=None)
     assert in_copy.wait(30)
     st.lookup("a", torch.arange(ROWS - 1000, ROWS))  # LRU: evicts every resident row

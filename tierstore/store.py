@@ -271,11 +271,10 @@ class Store:
     def snapshot_rows(self, table: str | Table, rows: Any) -> Any:
         """Start a copy-on-write snapshot (:class:`tierstore.tiers.ddr.CowSnapshot`) of
         ``rows`` (sorted distinct ids): their values as of now, copied later, by
-        ``snapshot.fill(lo, hi)`` (snapshot rows [lo, hi)) or by the first change to each row,
-        into ``snapshot.weights`` / ``snapshot.state``; ``snapshot.release()`` when done.
-        Costs a flag per row now instead of a copy; one snapshot per table at a time. Changes
-        that bypass this Store (clients of the service writing its shared slab) are not seen:
-        snapshot those synchronously (read_rows).
+        ``copy_range``/``merge_copied`` (the checkpoint writer) or by the first change to each
+        row; ``release()`` when done. Costs a flag per row now instead of a copy; one snapshot
+        per table at a time. Changes that bypass this Store (clients of the service writing
+        its shared slab) are not seen: snapshot those synchronously (read_rows).
         Raises InvalidInput."""
         from tierstore.optim import kernels
         e = self._entry(table)

@@ -11,13 +11,15 @@ root is flock'ed by the process writing it.
 The snapshot of the rows (``snapshot=``):
 
 - ``"cow"`` (copy-on-write; the default for an embedded :class:`tierstore.Store`): the caller
-  only marks the rows pending (``Store.snapshot_rows``: a flag per row); the background thread
-  copies them chunk by chunk (``COW_CHUNK_ROWS`` per hold of the table's snapshot lock) just
-  before encoding them, and every path that changes row values (the optimizer update, on
-  DRAM or SCM; ``write_rows``; ``reset_table``, ``drop_table`` and anything else that closes
-  a DRAM tier) first copies the still-pending rows it is about to change. The checkpoint
-  holds exactly the values at the call, like ``"sync"``; the stall is a flag per row, and the
-  steps right after the call pay for copying the pending rows they update (once per row).
+  only marks the rows pending (``Store.snapshot_rows``: a flag per row). The background
+  thread copies them chunk by chunk (``COW_CHUNK_ROWS`` per hold of the table's snapshot
+  lock) into a part buffer (one per table, up to ``format.PART_ROWS`` rows, kept by the
+  session for the next checkpoint) just before encoding them, and every path that changes row
+  values (the optimizer update, on DRAM or SCM; ``write_rows``; ``reset_table``,
+  ``drop_table`` and anything else that closes a DRAM tier) first copies the still-pending
+  rows it is about to change. The checkpoint holds exactly the values at the call, the same
+  bytes as ``"sync"``; the stall is a flag per row, and the steps during the write pay for
+  copying the pending rows they update (once per row).
 - ``"sync"``: the caller copies every row to save (``read_rows``) before returning. Needed
   where rows change behind the Store's back: the service (``tierstored``), whose clients write
   the shared slab directly, so copy-on-write cannot see their updates.
@@ -62,7 +64,7 @@ STATE_DTYPES = ("fp32", "fp16")
 SNAPSHOTS = ("auto", "cow", "sync")
 #: copy-on-write snapshots: rows the writer copies per hold of a table's snapshot lock (the
 #: training thread waits at most one such copy when it touches a pending row or evicts)
-COW_CHUNK_ROWS = 16384
+COW_CHUNK_ROWS = 4096
 #: tests: called by the writer thread as ``hook(table, lo, hi)`` after copying snapshot rows
 #: [lo, hi) of a copy-on-write snapshot, outside the lock
 _fill_hook: Any = None
@@ -123,6 +125,9 @@ class _Session:
     job: "_Job | None" = None           # the write in flight (or the last one)
     lock: threading.Lock = field(default_factory=threading.Lock)
     untrusted_reason: str | None = "no earlier checkpoint of this Store object"
+    #: copy-on-write: the writer's part buffers per table, kept from one checkpoint to the
+    #: next (faulting in fresh ones at the start of every write held up the training thread)
+    buffers: dict[str, Any] = field(default_factory=dict)
 
 
 _sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
@@ -188,20 +193,32 @@ class _TableSnap:
     spec: TableSpec
     scheme: quant.Scheme
     rows: np.ndarray
-    weights: np.ndarray
-    state: np.ndarray
-    #: copy-on-write: weights/state are filled by cow.fill (the writer) and by the write path
+    weights: np.ndarray | None  # the rows' values ("sync"); None: copy-on-write (cow)
+    state: np.ndarray | None
     cow: Any = None
+    buffers: Any = None  # copy-on-write: {table: part buffers} of the session (reused)
 
-    def fill(self, name: str, lo: int, hi: int) -> None:
-        """Make rows [lo, hi) of weights/state final (copy-on-write: copy the pending ones)."""
+    def part(self, name: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weights and state of rows [lo, hi) as of the snapshot. Copy-on-write: the pending
+        ones are copied now, ``COW_CHUNK_ROWS`` per hold of the snapshot's lock, the others
+        come from the write path's copies. Valid until the next call."""
         if self.cow is None:
-            return
+            return self.weights[lo:hi], self.state[lo:hi]
+        m = hi - lo
+        buf = self.buffers.get(name)
+        if buf is None or len(buf[0]) < m or buf[0].shape[1:] != (self.cow.dim,) or \
+                buf[0].dtype != self.cow.dtype or buf[1].shape[1:] != (self.cow.state_dim,):
+            size = min(len(self.rows), fmt.PART_ROWS)
+            buf = self.buffers[name] = (np.empty((size, self.cow.dim), self.cow.dtype),
+                                        np.empty((size, self.cow.state_dim), np.float32))
+        w, s = buf[0][:m], buf[1][:m]
         for a in range(lo, hi, COW_CHUNK_ROWS):
             b = min(hi, a + COW_CHUNK_ROWS)
-            self.cow.fill(a, b)
+            self.cow.copy_range(a, b, w, s, lo)
             if _fill_hook is not None:
                 _fill_hook(name, a, b)
+        self.cow.merge_copied(lo, hi, w, s)
+        return w, s
 
     def release(self) -> None:
         if self.cow is not None:
@@ -379,6 +396,8 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
     t_decide = time.perf_counter()
 
     snaps: dict[str, _TableSnap] = {}
+    for gone in set(sess.buffers) - set(names):
+        del sess.buffers[gone]
     for n in names:
         tscheme = _table_scheme(specs[n], scheme)
         if not len(rows[n]):
@@ -388,7 +407,7 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
         elif mode == "cow":
             cow = store.snapshot_rows(n, rows[n])
             started.append(cow)
-            snaps[n] = _TableSnap(specs[n], tscheme, cow.rows, cow.weights, cow.state, cow)
+            snaps[n] = _TableSnap(specs[n], tscheme, cow.rows, None, None, cow, sess.buffers)
         else:
             w, s = store.read_rows(n, rows[n])
             snaps[n] = _TableSnap(specs[n], tscheme, rows[n], w, s)
@@ -540,22 +559,21 @@ class _Job:
             n = len(snap.rows)
             for part, lo in enumerate(range(0, n, fmt.PART_ROWS)):
                 hi = min(n, lo + fmt.PART_ROWS)
-                snap.fill(name, lo, hi)
+                w, st = snap.part(name, lo, hi)
                 info = {"table": name, "part": part, "rows": hi - lo}
                 chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.ids.zst",
                                               fmt.encode_ids(snap.rows[lo:hi]), lvl,
                                               what="ids", **info))
                 pause("chunk")
-                w = snap.weights[lo:hi]
                 raw_in += (hi - lo) * w.shape[1] * 4  # counted as fp32 input
                 enc = quant.encode(w.astype(np.float32, copy=False), snap.scheme)
                 chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.w.zst", enc.to_bytes(),
                                               lvl, what="weights", **info))
                 pause("chunk")
-                if snap.state.shape[1]:
-                    st = quant.encode_state(snap.state[lo:hi], self.body["state_dtype"])
-                    raw_in += snap.state[lo:hi].nbytes
-                    chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.s.zst", st.to_bytes(),
+                if st.shape[1]:
+                    raw_in += st.nbytes
+                    enc = quant.encode_state(st, self.body["state_dtype"])
+                    chunks.append(fmt.write_chunk(d, f"{name}.{part:05d}.s.zst", enc.to_bytes(),
                                                   lvl, what="state", **info))
                     pause("chunk")
         return chunks, raw_in

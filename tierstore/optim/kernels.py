@@ -251,3 +251,56 @@ def strictly_increasing(rows):
         if rows[i] <= rows[i - 1]:
             return False
     return True
+
+
+@numba.njit(**_JIT)
+def any_flagged(flags, ids):
+    """True if some ``flags[ids[i]]`` is non-zero (stops at the first)."""
+    for i in range(ids.shape[0]):
+        if flags[ids[i]]:
+            return True
+    return False
+
+
+@numba.njit(**_JIT)
+def take_flagged(flags, ids, out):
+    """The distinct ``ids`` whose flag is set, in first-occurrence order, into ``out``
+    (len >= len(ids)); clears their flags. Returns how many."""
+    n = 0
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        if flags[r]:
+            flags[r] = 0
+            out[n] = r
+            n += 1
+    return n
+
+
+@numba.njit(**_JIT)
+def copy_flagged_rows(flags, rows, lo, hi, index, weights, state, w_out, s_out, base, missing):
+    """Copy-on-write snapshots, the writer's chunk: for each k in [lo, hi) whose row
+    ``rows[k]`` is flagged, clear the flag and copy the row from the slab
+    (``weights/state[index[row]]``) to ``w_out/s_out[k - base]``; rows not resident (index 0)
+    are listed in ``missing`` (flag left set, for the caller to read from SCM). Returns
+    (rows copied, rows missing)."""
+    n = 0
+    m = 0
+    dim = weights.shape[1]
+    sdim = state.shape[1]
+    for k in range(lo, hi):
+        r = rows[k]
+        if flags[r] == 0:
+            continue
+        p = index[r]
+        if p == 0:
+            missing[m] = k
+            m += 1
+            continue
+        j = k - base
+        for d in range(dim):
+            w_out[j, d] = weights[p, d]
+        for d in range(sdim):
+            s_out[j, d] = state[p, d]
+        flags[r] = 0
+        n += 1
+    return n, m

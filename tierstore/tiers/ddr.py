@@ -90,15 +90,17 @@ class CowSnapshot:
     taken, copied later (checkpoints, ``tierstore/ckpt/writer.py``).
 
     Taking it only marks the rows *pending* (dense tables: a byte per table row, zero pages
-    cost nothing; sparse tables: a flag per snapshot row, found by binary search). Then
-    :meth:`fill` (the checkpoint's writer thread) copies pending rows chunk by chunk, and every
-    path that changes row values first calls :meth:`copy_before_write` with the rows it is
-    about to change, which copies those still pending; either way a copied row stops being
-    pending, so each row is copied exactly once, with its value at snapshot time. ``lock``
-    serializes the copies with each other and, while the snapshot is attached to its tier,
-    with admissions and evictions (a row moving between DRAM and SCM), so a copy never reads a
-    slot being refilled. Flags only go from pending to copied, so the write path may test them
-    without the lock: a row it sees as not pending can be changed right away.
+    cost nothing; sparse tables: a flag per snapshot row, found by binary search). The
+    checkpoint's writer thread then copies them a chunk at a time (:meth:`copy_range`) into
+    its own buffers, and every path that changes row values first calls
+    :meth:`copy_before_write` with the rows it is about to change, which copies those still
+    pending into a compact side list (:meth:`merge_copied` hands them to the writer). Either
+    way a copied row stops being pending, so each row is copied exactly once, with its value
+    at snapshot time. ``lock`` serializes the copies with each other and, while the snapshot is
+    attached to its tier, with admissions and evictions (a row moving between DRAM and SCM),
+    so a copy never reads a slot being refilled. Flags only go from pending to copied, so the
+    write path may test them without the lock: a row it sees as not pending can be changed
+    right away.
 
     Not covered: updates that bypass :class:`DDRCache` (clients of the service writing the
     shared slab directly); the service therefore snapshots synchronously.
@@ -107,9 +109,9 @@ class CowSnapshot:
     def __init__(self, cache: "DDRCache", rows: np.ndarray) -> None:
         self.cache: DDRCache | None = cache
         self.rows = rows  # sorted distinct int64
-        n = len(rows)
-        self.weights = np.empty((n, cache.spec.dim), dtype=cache.weights.dtype)
-        self.state = np.empty((n, cache.state.shape[1]), dtype=np.float32)
+        self.dim = cache.spec.dim
+        self.dtype = cache.weights.dtype
+        self.state_dim = cache.state.shape[1]
         self.lock = threading.Lock()
         if cache.spec.id_space == "dense":
             self._flags: np.ndarray | None = np.zeros(cache.spec.num_rows, dtype=np.uint8)
@@ -117,74 +119,121 @@ class CowSnapshot:
             self._still = None
         else:
             self._flags = None
-            self._still = np.ones(n, dtype=bool)
+            self._still = np.ones(len(rows), dtype=bool)
+        #: rows copied by the write path: (row ids, any order; weights; state)
+        self._side: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         #: rows not copied yet (changed under the lock only)
-        self.left = n
-        #: rows copied by the write path (the rest were copied by fill)
+        self.left = len(rows)
+        #: rows copied by the write path (the rest were copied by the writer)
         self.copied_on_write = 0
 
-    def _pending_at(self, k: np.ndarray) -> np.ndarray:
-        """Which snapshot rows ``k`` (indices into self.rows) are still pending."""
+    def _take_pending(self, k: np.ndarray):
+        """Read the still-pending snapshot rows among ``k`` (indices, ascending) and mark them
+        copied; caller holds the lock. Returns (indices, weights, state) or None."""
+        if self.cache is None or self.left == 0 or len(k) == 0:
+            return None
         if self._flags is not None:
-            return self._flags[self.rows[k]] != 0
-        return self._still[k]
-
-    def _clear(self, k: np.ndarray) -> None:
+            k = k[self._flags[self.rows[k]] != 0]
+        else:
+            k = k[self._still[k]]
+        if len(k) == 0:
+            return None
+        w, s = self.cache.read_rows(self.rows[k])
         if self._flags is not None:
             self._flags[self.rows[k]] = 0
         else:
             self._still[k] = False
         self.left -= len(k)
-
-    def _copy(self, k: np.ndarray) -> int:
-        """Copy the still-pending snapshot rows among ``k`` (indices, ascending); caller holds
-        the lock. Returns how many were copied."""
-        if self.cache is None or self.left == 0 or len(k) == 0:
-            return 0
-        k = k[self._pending_at(k)]
-        if len(k) == 0:
-            return 0
-        w, s = self.cache.read_rows(self.rows[k])
-        self.weights[k] = w
-        self.state[k] = s
-        self._clear(k)
-        return len(k)
+        return k, w, s
 
     def copy_before_write(self, ids: np.ndarray) -> None:
-        """The write path: copy the pending rows among ``ids`` (valid ids, duplicates allowed)
-        before they change. Costs one gather of flags (dense) or one binary search (sparse)
-        over ``ids`` when nothing of theirs is pending."""
+        """The write path: copy the pending rows among ``ids`` (valid int64 ids, duplicates
+        allowed) before they change. When none of them is pending this costs one pass over
+        ``ids`` (dense: a numba scan of their flags; sparse: a binary search)."""
         if self.left == 0 or len(ids) == 0:
             return
         if self._flags is not None:
-            hit = self._flags[ids] != 0
-            if not hit.any():
+            if not kernels.any_flagged(self._flags, ids):
                 return
-            k = np.searchsorted(self.rows, np.unique(ids[hit]))
-        else:
-            k = np.searchsorted(self.rows, ids)
-            k[k == len(self.rows)] = 0
-            hit = (self.rows[k] == ids) & self._still[k]
-            if not hit.any():
-                return
-            k = np.unique(k[hit])
+            with self.lock:
+                if self.cache is None or self.left == 0:
+                    return
+                out = np.empty(len(ids), dtype=np.int64)
+                rows = out[:kernels.take_flagged(self._flags, ids, out)]
+                if len(rows) == 0:
+                    return
+                w, s = self.cache.read_rows(rows)
+                self._side.append((rows, w, s))  # unsorted: merge_copied places them
+                self.left -= len(rows)
+                self.copied_on_write += len(rows)
+            return
+        k = np.searchsorted(self.rows, ids)
+        k[k == len(self.rows)] = 0
+        hit = (self.rows[k] == ids) & self._still[k]
+        if not hit.any():
+            return
         with self.lock:
-            self.copied_on_write += self._copy(k)
+            got = self._take_pending(np.unique(k[hit]))
+            if got is not None:
+                self._side.append((self.rows[got[0]], got[1], got[2]))
+                self.copied_on_write += len(got[0])
 
-    def fill(self, lo: int, hi: int) -> int:
-        """The writer: copy the pending rows among snapshot rows [lo, hi) (one lock hold).
-        Returns how many were copied."""
+    def copy_range(self, lo: int, hi: int, w_out: np.ndarray, s_out: np.ndarray,
+                   base: int) -> int:
+        """The writer: copy the pending rows among snapshot rows [lo, hi) to
+        ``w_out[k - base]`` / ``s_out[k - base]`` (one lock hold). Returns how many. Rows in
+        DRAM of a dense float32 table are copied by one numba call that releases the GIL, so
+        the training thread is not held up by the writer's Python."""
+        hi = min(hi, len(self.rows))
+        done = 0
         with self.lock:
-            return self._copy(np.arange(lo, min(hi, len(self.rows)), dtype=np.int64))
+            c = self.cache
+            if c is None or self.left == 0 or hi <= lo:
+                return 0
+            if self._flags is not None and c._dense is not None \
+                    and c.weights.dtype == w_out.dtype == np.float32:
+                missing = np.empty(hi - lo, dtype=np.int64)
+                done, m = kernels.copy_flagged_rows(self._flags, self.rows, lo, hi, c._dense,
+                                                    c.weights, c.state, w_out, s_out, base,
+                                                    missing)
+                self.left -= done
+                got = self._take_pending(missing[:m]) if m else None  # from SCM
+            else:
+                got = self._take_pending(np.arange(lo, hi, dtype=np.int64))
+        if got is not None:
+            k, w, s = got
+            w_out[k - base] = w
+            s_out[k - base] = s
+            done += len(k)
+        return done
+
+    def merge_copied(self, lo: int, hi: int, w_out: np.ndarray, s_out: np.ndarray) -> None:
+        """The writer, after :meth:`copy_range` has covered [lo, hi): the rows of [lo, hi) the
+        write path copied before, to ``w_out[k - lo]`` / ``s_out[k - lo]``. (No row of the
+        range is pending any more, so no copy of one can be added meanwhile.)"""
+        if hi <= lo:
+            return
+        with self.lock:
+            side = list(self._side)
+        part = self.rows[lo:hi]
+        first, last = part[0], part[-1]
+        for rows, w, s in side:
+            sel = np.flatnonzero((rows >= first) & (rows <= last))
+            if len(sel):
+                j = np.searchsorted(part, rows[sel])
+                w_out[j] = w[sel]
+                s_out[j] = s[sel]
 
     def drain(self) -> None:
-        """Copy every pending row now and detach (the tier is about to go away)."""
+        """Copy every pending row now (to the side list) and detach: the tier is going away."""
         with self.lock:
-            self._copy(np.arange(len(self.rows), dtype=np.int64))
+            got = self._take_pending(np.arange(len(self.rows), dtype=np.int64))
+            if got is not None:
+                self._side.append((self.rows[got[0]], got[1], got[2]))
             self._detach()
 
     def release(self) -> None:
-        """Detach from the tier (the snapshot is written, or abandoned); rows still pending
+        """Detach from the tier (the snapshot is written, or abandoned): rows still pending
         are no longer copied."""
         with self.lock:
             self._detach()
