@@ -26,7 +26,7 @@ from tierstore.train.config import TrainConfig
 from tierstore.train.loop import run
 
 GRID = {"shampoo": (0.003, 0.01, 0.03, 0.1), "adagrad": (0.003, 0.01, 0.03, 0.1),
-        "adam": (0.0003, 0.001, 0.003)}
+        "adam": (0.0001, 0.0003, 0.001, 0.003)}
 
 
 def measure(steps: int, eval_every: int, data: str, batch: int) -> dict[str, Any]:
