@@ -267,7 +267,8 @@ def test_eviction_waits_for_a_copy_in_progress(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(writer, "COW_CHUNK_ROWS", 7)
     in_copy, evicted = threading.Event(), threading.Event()
 
-    def slow_copy(flags, rows, lo, hi, index, weights, state, w_out, s_out, base, missing):
+    def slow_copy(flags, rows, lo, hi, index, weights, state, w_out, s_out, base, copied,
+                  missing):
         k = np.arange(lo, hi)
         k = k[flags[rows[k]] != 0]
         pos = index[rows[k]].astype(np.int64)
@@ -277,9 +278,10 @@ def test_eviction_waits_for_a_copy_in_progress(tmp_path, rng, monkeypatch):
         res = pos > 0
         w_out[k[res] - base] = weights[pos[res]]
         s_out[k[res] - base] = state[pos[res]]
-        flags[rows[k[res]]] = 0
-        missing[:int((~res).sum())] = k[~res]
-        return int(res.sum()), int((~res).sum())
+        n, m = int(res.sum()), int((~res).sum())
+        copied[:n] = k[res]
+        missing[:m] = k[~res]
+        return n, m
 
     monkeypatch.setattr(kernels, "copy_flagged_rows", slow_copy)
     h = ckpt.checkpoint(st, tmp_path / "ck", "full", 32, keep=None)

@@ -277,12 +277,13 @@ def take_flagged(flags, ids, out):
 
 
 @numba.njit(**_JIT)
-def copy_flagged_rows(flags, rows, lo, hi, index, weights, state, w_out, s_out, base, missing):
+def copy_flagged_rows(flags, rows, lo, hi, index, weights, state, w_out, s_out, base, copied,
+                      missing):
     """Copy-on-write snapshots, the writer's chunk: for each k in [lo, hi) whose row
-    ``rows[k]`` is flagged, clear the flag and copy the row from the slab
-    (``weights/state[index[row]]``) to ``w_out/s_out[k - base]``; rows not resident (index 0)
-    are listed in ``missing`` (flag left set, for the caller to read from SCM). Returns
-    (rows copied, rows missing)."""
+    ``rows[k]`` is flagged, copy the row from the slab (``weights/state[index[row]]``) to
+    ``w_out/s_out[k - base]`` and list k in ``copied``; rows not resident (index 0) are listed
+    in ``missing`` instead. Flags are left as they are: the caller clears those of the copied
+    rows after a fence. Returns (copied, missing)."""
     n = 0
     m = 0
     dim = weights.shape[1]
@@ -301,6 +302,6 @@ def copy_flagged_rows(flags, rows, lo, hi, index, weights, state, w_out, s_out, 
             w_out[j, d] = weights[p, d]
         for d in range(sdim):
             s_out[j, d] = state[p, d]
-        flags[r] = 0
+        copied[n] = k
         n += 1
     return n, m

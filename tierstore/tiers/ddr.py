@@ -98,7 +98,8 @@ class CowSnapshot:
     way a copied row stops being pending, so each row is copied exactly once, with its value
     at snapshot time. ``lock`` serializes the copies with each other and, while the snapshot is
     attached to its tier, with admissions and evictions (a row moving between DRAM and SCM),
-    so a copy never reads a slot being refilled. Flags only go from pending to copied, so the
+    so a copy never reads a slot being refilled. Flags only go from pending to copied, and a
+    flag is cleared only after its row's copy is complete (a memory fence in between), so the
     write path may test them without the lock: a row it sees as not pending can be changed
     right away.
 
@@ -139,6 +140,7 @@ class CowSnapshot:
         if len(k) == 0:
             return None
         w, s = self.cache.read_rows(self.rows[k])
+        pins.fence()  # the copies are done before a flag says so (see the class doc)
         if self._flags is not None:
             self._flags[self.rows[k]] = 0
         else:
@@ -192,10 +194,13 @@ class CowSnapshot:
                 return 0
             if self._flags is not None and c._dense is not None \
                     and c.weights.dtype == w_out.dtype == np.float32:
+                copied = np.empty(hi - lo, dtype=np.int64)
                 missing = np.empty(hi - lo, dtype=np.int64)
                 done, m = kernels.copy_flagged_rows(self._flags, self.rows, lo, hi, c._dense,
                                                     c.weights, c.state, w_out, s_out, base,
-                                                    missing)
+                                                    copied, missing)
+                pins.fence()  # the copies are done before a flag says so (see the class doc)
+                self._flags[self.rows[copied[:done]]] = 0
                 self.left -= done
                 got = self._take_pending(missing[:m]) if m else None  # from SCM
             else:
