@@ -66,6 +66,12 @@ class _Replay:
     def tables(self) -> list[str]:
         return self.store.tables()
 
+    @property
+    def snapshot_rows(self):
+        """Copy-on-write snapshots for the measured (default) configuration; the others share
+        synchronous reads."""
+        return self.store.snapshot_rows if self.cache is None else None
+
     def open_table(self, name: str) -> Any:
         return self.store.open_table(name)
 
