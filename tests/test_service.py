@@ -454,3 +454,39 @@ def test_hits_served_from_the_slab_reach_the_policy(tmp_path):
             assert conn.stats()["tables"]["t"]["misses"] == before, "hot rows were evicted"
     finally:
         svc.stop()
+
+
+_EVICTER = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from tierstore.client import connect
+    conn = connect(sys.argv[1], mode="read")
+    g = np.random.default_rng(0)
+    print("ready", flush=True)
+    for _ in range(400):  # misses: the service evicts and admits all the time
+        conn.lookup("t", torch.from_numpy(g.integers(2000, 20_000, 300)))
+    print("done", flush=True)
+""")
+
+
+def test_unpinned_reads_never_see_an_eviction(tmp_path):
+    """Reads of all-resident batches take no pins (a seqlock read): while another client's
+    misses evict and admit rows of the same table, every result is still exact."""
+    svc = Service(tmp_path / "svc", ddr_bytes="128KiB", extra=["--policy", "lru"]).start()
+    try:
+        with svc.connect(mode="read") as conn:
+            with svc.connect() as w:
+                w.create_table(_spec(rows=20_000))
+            want = conn.lookup("t", torch.arange(20_000)).clone()  # values never change
+            hot = torch.arange(0, 300)
+            p = subprocess.Popen([sys.executable, "-c", _EVICTER, svc.run_dir],
+                                 stdout=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == "ready"
+            checked = 0
+            while p.poll() is None:
+                got = conn.lookup("t", hot)
+                assert torch.equal(got, want[hot])
+                checked += 1
+            assert p.wait() == 0 and checked > 10
+            assert conn.stats()["tables"]["t"]["evictions"] > 1000
+    finally:
+        svc.stop()

@@ -35,6 +35,10 @@ class Stale(Exception):
     """The service replaced this table's slab (DRAM re-planned); attach again and retry."""
 
 
+class Retry(Exception):
+    """An unpinned read overlapped an eviction; take the batch again (pinned)."""
+
+
 def _map(desc: list, writable: bool) -> tuple[shm.Segment, np.ndarray]:
     name, shape, dtype = desc
     seg = shm.attach(name, tuple(shape), np.dtype(dtype), writable=writable)
@@ -77,6 +81,8 @@ class AttachedTable(SlabWriter):
         self._rows = RowMarks(self.spec.num_rows, self.spec.id_space == "dense")
         self._recent: list[np.ndarray] = []
         self._recent_n = 0
+        self._read_gen: int | None = None  # generation an unpinned read started at
+        self._force_pinned = False
 
     def _attach(self, desc: list, writable: bool) -> np.ndarray:
         seg, arr = _map(desc, writable)
@@ -85,7 +91,15 @@ class AttachedTable(SlabWriter):
 
     # -- operations (tier interface of tierstore.ops) -------------------------------------------
     def end_op(self) -> None:
-        """Release this operation's pins (the next operation number makes them void)."""
+        """Release this operation's pins (the next operation number makes them void). After
+        an unpinned read (:meth:`resident_positions`), raise Retry if the service evicted or
+        admitted meanwhile: the result is then discarded and the batch taken again, pinned."""
+        g0, self._read_gen = self._read_gen, None
+        if g0 is not None and not pins.read_valid(self.ctrl, g0):
+            if self.ctrl[pins.RETIRED]:
+                raise Stale(self.name)
+            self._force_pinned = True
+            raise Retry(self.name)
         self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
         self.header[pins.SEQ] = self.seq
 
@@ -101,10 +115,18 @@ class AttachedTable(SlabWriter):
         return st, out
 
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """Positions of ``ids`` pinned for this operation if all are resident, else None."""
-        st, out = self._pin(ids.numpy())
-        if st != pins.ALL_RESIDENT:
+        """Positions of ``ids`` if all are resident, else None. Read path only: nothing is
+        pinned; :meth:`end_op` checks that no eviction overlapped the caller's gather."""
+        if self.index is None or self._force_pinned:
+            self._force_pinned = False
             return None
+        g0 = pins.read_begin(self.ctrl)
+        if g0 & 1:
+            return None
+        out = np.empty(len(ids), dtype=np.int32)
+        if kernels.gather_positions(ids.numpy(), self.index, out) != kernels.ALL_RESIDENT:
+            return None
+        self._read_gen = g0
         n = len(out)
         self.header[pins.LOOKUPS] += n
         self.header[pins.HITS] += n
@@ -126,8 +148,12 @@ class AttachedTable(SlabWriter):
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         """Positions of ``ids`` (0: served from the returned Bypass); misses go to the service,
         which admits them and pins them for this operation."""
-        _, out = self._pin(ids)
+        st, out = self._pin(ids)
         pos = out.astype(np.int64)
+        if st == pins.ALL_RESIDENT:  # resident and pinned after all: no request needed
+            self.header[pins.LOOKUPS] += len(ids)
+            self.header[pins.HITS] += len(ids)
+            return pos, None
         miss = pos == 0
         miss_at = np.flatnonzero(miss)
         miss_rows, where = self._rows.first_occurrence(ids[miss_at])
@@ -178,4 +204,4 @@ class AttachedTable(SlabWriter):
         self._segments.clear()
 
 
-__all__ = ["AttachedTable", "Stale"]
+__all__ = ["AttachedTable", "Retry", "Stale"]

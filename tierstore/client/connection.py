@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tierstore import errors, ops
-from tierstore.client.attached import AttachedTable, Stale
+from tierstore.client.attached import AttachedTable, Retry, Stale
 from tierstore.config import TableSpec
 from tierstore.daemon import protocol
 from tierstore.errors import ConnectionLost, InvalidInput, TierstoreError
@@ -186,6 +186,8 @@ class Connection:
             t = self._table(table)
             try:
                 return fn(t)
+            except Retry:
+                continue  # an unpinned read raced an eviction: again, pinned this time
             except Stale:
                 mode = "write" if t.writable else "read"
                 self._detach_local(table)

@@ -24,6 +24,11 @@ Either the client sees the service's odd generation (and retries through the ser
 service sees the client's pins (and leaves those slots alone): the two fences forbid both loads
 from missing the other side's store. Positions handed out by the service are pinned by the
 service itself before it replies.
+
+Reads of a batch whose rows are all resident need no pins: they are a seqlock reader
+(:func:`read_begin`, gather, :func:`read_valid`): a result computed while the service
+evicted or admitted is thrown away and the batch goes through the pinned path. Writes always
+pin (an update cannot be retried).
 """
 
 from __future__ import annotations
@@ -88,6 +93,22 @@ def pin_positions(ids, index, pins, seq, ctrl, out):
     if ctrl[GEN] != g0 or (g0 & 1) != 0:
         return RETRY
     return status
+
+
+@numba.njit(**_JIT)
+def read_begin(ctrl):
+    """Reader side of the seqlock: the generation before reading (then a fence)."""
+    g = ctrl[GEN]
+    _fence()
+    return g
+
+
+@numba.njit(**_JIT)
+def read_valid(ctrl, g0):
+    """After reading: True if no eviction/admission overlapped the read (fence, then the
+    generation is still the even ``g0``) and the slab is not retired."""
+    _fence()
+    return ctrl[GEN] == g0 and (g0 & 1) == 0 and ctrl[RETIRED] == 0
 
 
 @numba.njit(**_JIT)
