@@ -86,9 +86,9 @@ def text(s: dict[str, Any]) -> str:
         lines.append(f"  DRAM hit rate {s['hit_rate']:.3f}")
     if s.get("checkpoints"):
         c = s["checkpoints"]
-        lines.append(f"  checkpoints: {c['count']} taken, {c['bytes_written']:,} bytes written "
-                     f"({c['full_fp32_bytes'] / max(c['bytes_written'], 1):.1f}x less than "
-                     f"full fp32)")
+        lines.append(f"  checkpoints: {c['taken']} taken, {c['count']} kept "
+                     f"({c['bytes_written']:,} bytes, {c['full_fp32_bytes'] / max(c['bytes_written'], 1):.1f}x "
+                     f"less than as many full fp32 ones); stall {c['stall_seconds_median'] * 1e3:.0f} ms")
     if s.get("plot"):
         lines.append(f"  plot: {s['plot']}")
     return "\n".join(lines)

@@ -156,8 +156,9 @@ class Run:
         if not cks:
             return None
         full = sum(s.num_rows * (s.dim + s.layout.state_dim) * 4 for s in self.specs.values())
-        return {"root": self.ckpt_root, "count": len(cks),
-                "bytes_written": int(sum(c["bytes"] for c in cks)),
+        return {"root": self.ckpt_root, "taken": len(self.checkpoint_seconds),
+                "count": len(cks),  # kept on disk (retention deletes older chains)
+                "bytes_written": int(sum(c["bytes"] for c in cks)),  # of those kept
                 "newest": cks[-1]["path"], "newest_restore_bytes": cks[-1]["restore_bytes"],
                 "full_fp32_bytes": full * len(cks), "one_full_fp32_bytes": full,
                 "stall_seconds_median": float(np.median(self.checkpoint_seconds))
