@@ -143,8 +143,6 @@ def test_multi_hot_pooling():
 
 
 def test_reuse_histogram_and_meta_stats_parser():
-    import os
-
     from tierstore.data.calibrate import (
         DEFAULT_STATS,
         load_locality_stats,
@@ -153,8 +151,6 @@ def test_reuse_histogram_and_meta_stats_parser():
     rows, lookups = reuse_histogram([np.array([1, 1, 2, 3, 3, 3, 3]), np.array([5, 5, 5])])
     np.testing.assert_allclose(rows[:3], [1 / 4, 1 / 4, 2 / 4])
     np.testing.assert_allclose(lookups[:3], [1 / 10, 2 / 10, 7 / 10])
-    if not os.path.exists(DEFAULT_STATS):
-        pytest.skip("Meta's locality stats are not here")
     stats = load_locality_stats(DEFAULT_STATS)
     assert len(stats) == 17 and stats[0]["indices"] == 887017990
     assert stats[0]["row_share"][0] == 0.473 and stats[0]["lookup_share"][-1] == 0.019
