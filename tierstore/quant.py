@@ -254,19 +254,7 @@ def _minmax(x, lo, hi):
 @numba.njit(inline="always")
 def _pack_row(cs, bits, out, i):
     """Little-endian bit stream of the codes cs (each < 2**bits <= 256) into out[i]."""
-    acc = 0
-    nb = 0
-    p = 0
-    for j in range(cs.shape[0]):
-        acc |= np.int64(cs[j]) << nb
-        nb += bits
-        if nb >= 8:
-            out[i, p] = acc & 0xFF
-            acc >>= 8
-            nb -= 8
-            p += 1
-    if nb > 0:
-        out[i, p] = acc & 0xFF
+    _pack_tail(cs, bits, out, i, 0, 0)
 
 
 @numba.njit(inline="always")

@@ -166,12 +166,6 @@ class AttachedTable(SlabWriter):
             bypass.where, bypass.k = bypass_map(got, where, miss_at)
         return pos, bypass
 
-    def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
-        """Distinct policy slots (position - 1) of resident positions."""
-        out = np.empty(len(pos), dtype=np.int64)
-        u = kernels.distinct_positions(pos, self._mark, out)
-        return out[:u] - 1
-
     def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
               grad: torch.Tensor) -> None:
         """The table's optimizer on ``scale[i] * grad[src[i]]`` per id: rows resident in DRAM

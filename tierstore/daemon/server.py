@@ -401,10 +401,7 @@ class Service:
                 if table in c.attached and c.attached[table].cache is cache]
         return pins.pinned_mask([(a.header, a.pins) for a in atts], cache.capacity)
 
-    def _op_attach(self, c: Client, msg: dict[str, Any]) -> Any:
-        return self._attach(c, msg)
-
-    async def _attach(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _op_attach(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
         name = self._arg(msg, "table", str)
         mode = msg.get("mode", "write")
         if mode not in ("write", "read"):
@@ -626,18 +623,11 @@ class Service:
             os.unlink(extra)
         handle = ckpt.checkpoint(self.store, root, msg.get("policy", "intermittent"),
                                  msg.get("bits", 4), msg.get("quant", "adaptive"),
-                                 **self._snapshot_mode(ckpt), **opts)
+                                 snapshot="sync", **opts)
         if msg.get("wait"):
             handle.wait()
         log.info("client %d: checkpoint %s (%s)", c.id, handle.path, handle.kind)
         return {"path": handle.path, "kind": handle.kind}
-
-    @staticmethod
-    def _snapshot_mode(ckpt: Any) -> dict[str, Any]:
-        """snapshot="sync" where the checkpoint code offers a copy-on-write default."""
-        import inspect
-        params = inspect.signature(ckpt.checkpoint).parameters
-        return {"snapshot": "sync"} if "snapshot" in params else {}
 
     def _op_wait_checkpoint(self, c: Client, msg: dict[str, Any]) -> dict[str, Any]:
         from tierstore import ckpt

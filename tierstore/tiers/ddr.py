@@ -280,6 +280,12 @@ class SlabWriter:
                            opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
                            self._mark, acc, upos)
 
+    def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
+        """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
+        out = np.empty(len(pos), dtype=np.int64)
+        u = kernels.distinct_positions(pos, self._mark, out)
+        return out[:u] - 1
+
     def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Kernel buffers for n contributions, grown geometrically and reused."""
         if len(self._upos) < n:
@@ -384,12 +390,6 @@ class DDRCache(SlabWriter):
         self.counters["hits"] += n
         if self._track_hits and n:
             self.policy.access(self._distinct_slots(pos), _EMPTY)
-
-    def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
-        """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
-        out = np.empty(len(pos), dtype=np.int64)
-        u = kernels.distinct_positions(pos, self._mark, out)
-        return out[:u] - 1
 
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         """Make the rows of one batch resident as far as the policy admits them.

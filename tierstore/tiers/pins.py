@@ -38,14 +38,18 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
+from tierstore.optim import kernels
+
 _JIT = dict(nogil=True, cache=True)
 
 CTRL_WORDS, GEN, RETIRED = 8, 0, 1
 HEADER_WORDS, SEQ, LOOKUPS, HITS = 8, 0, 1, 2
 HEADER_BYTES = HEADER_WORDS * 8
 
-#: statuses of :func:`pin_positions`
-ALL_RESIDENT, SOME_MISSING, OUT_OF_RANGE, RETRY, STALE = 0, 1, 2, 3, 4
+#: statuses of :func:`pin_positions`: those of ``kernels.gather_positions``, plus two
+ALL_RESIDENT, SOME_MISSING, OUT_OF_RANGE = (kernels.ALL_RESIDENT, kernels.SOME_MISSING,
+                                           kernels.OUT_OF_RANGE)
+RETRY, STALE = 3, 4
 
 
 @intrinsic

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -52,7 +53,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"tierstore train: {e}", file=sys.stderr)
         return 2
     if cfg.out_dir and cfg.plot is None:
-        cfg = TrainConfig(**{**cfg.__dict__, "plot": os.path.join(cfg.out_dir, "run.png")})
+        cfg = dataclasses.replace(cfg, plot=os.path.join(cfg.out_dir, "run.png"))
     try:
         with contextlib.redirect_stdout(sys.stderr) if a.json else contextlib.nullcontext():
             summary = run(cfg, progress=not a.no_progress)
