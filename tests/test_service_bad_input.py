@@ -29,7 +29,8 @@ from tierstore.tiers import shm
 ROWS, DIM, MAX_BATCH = 5000, 16, 1000
 CHUNK = 500  # a full-table read goes in chunks that fit both max_batch and the mailbox
 MAILBOX = 64 << 10  # holds max_batch ids, not max_batch ids + gradients (to test overflow)
-S_ROWS = 200  # the scratch table (valid writes go there; "t" must never change)
+S_ROWS = 3000  # the scratch table (valid writes go there; "t" must never change). Larger
+# than its DRAM share, so it has free slots (a table that fits is loaded whole at open)
 S_IDS = torch.arange(10)
 
 

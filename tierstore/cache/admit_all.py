@@ -1,6 +1,7 @@
-"""The policy of a cache that can hold every row of its table: admit each row into the next
-free slot, never evict. The DDR tier uses it when capacity >= num_rows, so the all-in-DRAM path
-pays nothing for recency or frequency bookkeeping."""
+"""The policy of a cache that can hold every row of its table: row r lives in slot r, nothing
+is ever evicted. The DDR tier uses it when capacity >= num_rows (and then loads every row at
+once, see DDRCache.full_table), so the all-in-DRAM path pays nothing for recency or frequency
+bookkeeping and needs no index lookup: a row's position is its id + 1."""
 
 from __future__ import annotations
 
@@ -10,30 +11,26 @@ from tierstore.cache.base import Admission, CachePolicy
 
 
 class AdmitAll(CachePolicy):
+    """Identity placement: ``access`` admits every missing row into the slot equal to its id.
+
+    Raises ValueError if a row id is not below ``capacity`` (the tier only uses this policy
+    for dense tables with capacity >= num_rows)."""
+
     name = "admit_all"
     tracks_hits = False
 
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self.free = np.arange(capacity - 1, -1, -1, dtype=np.int32)  # a stack; pop from the end
-        self.top = capacity
-
     def access(self, hit_slots: np.ndarray, miss_rows: np.ndarray) -> Admission:
-        k = min(len(miss_rows), self.top)
-        slots = self.free[self.top - k: self.top][::-1].astype(np.int64)
-        self.top -= k
-        admit = np.zeros(len(miss_rows), dtype=bool)
-        admit[:k] = True
-        return Admission(admit, slots)
+        slots = np.asarray(miss_rows, dtype=np.int64)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.capacity):
+            raise ValueError(f"admit_all places row r in slot r: rows must be in "
+                             f"[0, {self.capacity}), got {slots.min()}..{slots.max()}")
+        return Admission(np.ones(len(slots), dtype=bool), slots)
 
     def release(self, slots: np.ndarray) -> None:
-        slots = np.asarray(slots, dtype=np.int64)
-        self.free[self.top: self.top + len(slots)] = slots
-        self.top += len(slots)
+        """Nothing to do: a slot belongs to its row."""
 
     def reset(self) -> None:
-        self.free = np.arange(self.capacity - 1, -1, -1, dtype=np.int32)
-        self.top = self.capacity
+        """Nothing to forget."""
 
     def metadata_bytes(self) -> int:
-        return self.free.nbytes
+        return 0

@@ -21,6 +21,7 @@ from tierstore.config import TableSpec
 from tierstore.errors import InvalidInput
 from tierstore.optim import kernels
 from tierstore.tiers import pins, shm
+from tierstore.tiers.index import IN_RANGE, identity_positions
 from tierstore.tiers.marks import RowMarks
 from tierstore.tiers.ddr import Bypass, SlabWriter, _sum_contributions, bypass_map
 
@@ -59,6 +60,8 @@ class AttachedTable(SlabWriter):
         lay = reply["layout"]
         self.capacity = int(lay["capacity"])
         self.tracks_hits = bool(lay["tracks_hits"])
+        #: every row resident in slot = row id (DDRCache.full_table): positions are ids + 1
+        self.full_table = bool(lay.get("full_table", False))
         self._segments: list[shm.Segment] = []
         self.weights = self._attach(lay["weights"], writable)
         self.state = self._attach(lay["state"], writable)
@@ -124,7 +127,10 @@ class AttachedTable(SlabWriter):
         if g0 & 1:
             return None
         out = np.empty(len(ids), dtype=np.int64)  # torch's embedding_bag: int64 is ~7% faster
-        if kernels.gather_positions(ids.numpy(), self.index, out) != kernels.ALL_RESIDENT:
+        if self.full_table:
+            if identity_positions(ids.numpy(), self.spec.num_rows, out) != IN_RANGE:
+                return None
+        elif kernels.gather_positions(ids.numpy(), self.index, out) != kernels.ALL_RESIDENT:
             return None
         self._read_gen = g0
         n = len(out)

@@ -31,7 +31,8 @@ from tierstore.config import TableSpec
 from tierstore.optim import kernels
 from tierstore.optim.sparse import Adagrad, RowWiseAdagrad, SGD
 from tierstore.tiers import pins, shm
-from tierstore.tiers.index import DenseIndex, HashIndex
+from tierstore.rowinit import initial_rows
+from tierstore.tiers.index import IN_RANGE, DenseIndex, HashIndex, identity_positions
 from tierstore.tiers.marks import RowMarks
 
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -360,6 +361,30 @@ class DDRCache(SlabWriter):
         self._rows = RowMarks(spec.num_rows, spec.id_space == "dense")
         #: the copy-on-write snapshot in progress (a checkpoint being written), if any
         self.cow: CowSnapshot | None = None
+        #: the whole (dense) table fits: every row is loaded now, row r in slot r, and never
+        #: evicted, so a batch's positions are its ids + 1 (no index read on the fast path)
+        self.full_table = spec.id_space == "dense" and self.capacity >= spec.num_rows
+        if self.full_table:
+            self._preload()
+
+    def _preload(self, chunk: int = 1 << 16) -> None:
+        """Load every row of the table into slot = row id (SCM values, or initial values for
+        rows never written). Not counted as lookups."""
+        fresh = self.backing.rows_written() == 0
+        for lo in range(0, self.spec.num_rows, chunk):
+            rows = np.arange(lo, min(lo + chunk, self.spec.num_rows), dtype=np.int64)
+            pos = rows + 1
+            if fresh:  # nothing on SCM yet: skip reading a file of zeros
+                self.weights[pos] = initial_rows(self.spec.init, self.spec.seed, rows,
+                                                 self.spec.dim, self.layout.np_dtype)
+                self.state[pos] = 0.0
+                self.row_of_pos[pos] = rows
+                self.dirty[pos] = 0
+                self.index.put(rows, pos)
+                self.resident += len(rows)
+            else:
+                self._admit_rows(rows, pos)
+
 
     # -- residency -------------------------------------------------------------------------
     def end_op(self) -> None:
@@ -378,7 +403,10 @@ class DDRCache(SlabWriter):
             return None
         n = ids.shape[0]
         pos = np.empty(n, dtype=np.int64)  # torch's embedding_bag: int64 is ~7% faster
-        if kernels.gather_positions(ids.numpy(), self._dense, pos) != kernels.ALL_RESIDENT:
+        if self.full_table:
+            if identity_positions(ids.numpy(), self.spec.num_rows, pos) != IN_RANGE:
+                return None
+        elif kernels.gather_positions(ids.numpy(), self._dense, pos) != kernels.ALL_RESIDENT:
             return None
         self._record_all_hits(pos)
         return torch.from_numpy(pos)
@@ -602,6 +630,7 @@ class DDRCache(SlabWriter):
                       if isinstance(self.index, DenseIndex) else None),
             "id_dtype": self.id_dtype.str,
             "tracks_hits": bool(self._track_hits),
+            "full_table": bool(self.full_table),
         }
 
     def resolve_for_client(self, rows: np.ndarray, hit_slots: np.ndarray, lookups: int,

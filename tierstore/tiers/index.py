@@ -10,6 +10,7 @@ probed for a whole batch at once (a loop over probe rounds, never over ids).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
@@ -44,6 +45,22 @@ class DenseIndex:
     def close(self) -> None:
         self.tensor = None
         self.segment.close()
+
+
+IN_RANGE, OUT_OF_RANGE = 0, 2  # as kernels.gather_positions's ALL_RESIDENT / OUT_OF_RANGE
+
+
+@numba.njit(nogil=True, cache=True)
+def identity_positions(ids, num_rows, out):
+    """out[i] = ids[i] + 1: the positions of a table laid out by row id (row r in slot r, see
+    DDRCache.full_table). One streaming pass, no index read. Returns IN_RANGE, or OUT_OF_RANGE
+    if an id is outside [0, num_rows) (out is then incomplete)."""
+    bad = False
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        bad |= (r < 0) | (r >= num_rows)
+        out[i] = r + 1
+    return OUT_OF_RANGE if bad else IN_RANGE
 
 
 _EMPTY = np.int64(-1)
