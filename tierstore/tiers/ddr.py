@@ -391,7 +391,10 @@ class DDRCache(SlabWriter):
         """Nothing to release in the owner process (clients unpin here)."""
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
-        """Slab rows (slot + 1) of ``ids``; 0 where not resident. No side effects."""
+        """Slab rows (slot + 1) of ``ids`` (int64, in range); 0 where not resident. No side
+        effects."""
+        if self.full_table:
+            return ids.astype(np.int64) + 1
         return self.index.get(ids)
 
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
