@@ -15,6 +15,7 @@ fsyncs for power loss.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -95,8 +96,60 @@ class RowFile:
         os.pwrite(self.jfd, b"\0" * 8, 0)  # journal record applied: disarm it
 
     def written_rows(self) -> np.ndarray:
-        """Sorted ids of rows ever written (reads one byte per record: the whole file)."""
-        return np.flatnonzero(self.records[:, self.layout.flag_offset]).astype(np.int64)
+        """Sorted ids of rows ever written. Reads the 'written' byte of the records in the
+        file's data extents only (holes are never-written rows): see :meth:`mark_written`."""
+        from tierstore.ckpt import kernels as ck
+        flags = np.zeros(self.spec.num_rows, dtype=np.uint8)
+        self.mark_written(flags)
+        return ck.rows_of(flags)
+
+    def mark_written(self, flags: np.ndarray) -> int:
+        """``flags[r] = 1`` (uint8 [num_rows]) for every row r ever written; returns how many
+        records were found written.
+
+        The file is sparse: the extents holding data are found with ``lseek(SEEK_DATA /
+        SEEK_HOLE)`` and only their records are read (a numba scan that releases the GIL, so
+        a checkpoint's background thread can run it while the owner keeps writing). A store
+        whose rows all live in DRAM has a file of holes: nothing is read. Where the
+        filesystem cannot report holes, every record is read. Safe against concurrent
+        :meth:`write` (a row written meanwhile may or may not be reported), not against
+        :meth:`clear` or :meth:`close`."""
+        from tierstore.ckpt import kernels as ck
+        rec = self.layout.record_bytes
+        flag = self.layout.flag_offset
+        n_rows = self.spec.num_rows
+        found = 0
+        for lo_b, hi_b in self._data_extents():
+            lo = max(0, (lo_b - HEADER) // rec)
+            hi = min(n_rows, -(-(hi_b - HEADER) // rec))
+            if hi > lo:
+                found += int(ck.written_records(self.records, flag, lo, hi, flags))
+        return found
+
+    def _data_extents(self) -> list[tuple[int, int]]:
+        """Byte ranges [lo, hi) of the record area that may hold data (not holes)."""
+        end = HEADER + self.spec.num_rows * self.layout.record_bytes
+        seek_data = getattr(os, "SEEK_DATA", None)
+        if seek_data is None:
+            return [(HEADER, end)]
+        out = []
+        off = HEADER
+        try:
+            while off < end:
+                try:
+                    lo = os.lseek(self.fd, off, seek_data)
+                except OSError as e:  # ENXIO: no data at or after off
+                    if e.errno == errno.ENXIO:
+                        break
+                    raise
+                if lo >= end:
+                    break
+                hi = min(end, os.lseek(self.fd, lo, os.SEEK_HOLE))
+                out.append((lo, hi))
+                off = hi
+        except OSError:  # the filesystem cannot tell: read everything
+            return [(HEADER, end)]
+        return out
 
     def clear(self) -> None:
         """Every row back to never-written (the file becomes sparse zeros again)."""
