@@ -1,7 +1,7 @@
 """Fused numba kernels for the sparse write path (float32 tables).
 
-One call of :func:`apply_rows` = dedupe + sum gradients per distinct row + optimizer update +
-dirty mark, without materialising a dense gradient. Measured against the plain torch path in
+One call of :func:`apply_rows` = sort contributions by row + sum gradients per distinct row +
+optimizer update + dirty mark, without materialising a dense gradient. Measured against the plain torch path in
 benchmarks/bench_kernels.py.
 """
 
@@ -18,9 +18,9 @@ _JIT = dict(nogil=True, cache=True)
 #: reassociation lets LLVM vectorize the row reductions; no approximate sqrt/division ("afn",
 #: "arcp"): they cost up to 1e-4 relative error on Adagrad steps with gradients near eps.
 _FASTMATH = {"reassoc", "contract", "nsz"}
-#: rows ahead to prefetch in the update loops; random row updates are memory-latency bound and
-#: prefetching 16 rows ahead measured 1.4-2.3x faster (benchmarks/bench_kernels.py)
-PREFETCH_DISTANCE = 16
+#: slab rows ahead to prefetch in the update loop; random row updates are memory-latency bound
+#: (prefetching measured 1.4-2.3x faster; 4-16 rows ahead measure within noise of each other)
+PREFETCH_DISTANCE = 8
 
 
 @intrinsic
@@ -54,82 +54,145 @@ SGD, ROWWISE_ADAGRAD, ADAGRAD = 0, 1, 2
 
 
 @numba.njit(inline="always", **_JIT)
-def _update_row(kind, p, j, acc, w, state, lr, eps, weight_decay):
-    """Optimizer step of slab row p with summed gradient acc[j] (modifies acc[j] for L2)."""
+def _update_row(kind, p, acc, w, state, lr, eps, weight_decay):
+    """Optimizer step of slab row p with its summed gradient ``acc`` (float32[dim]; weight
+    decay adds to it in place)."""
     dim = w.shape[1]
     if kind == SGD:
         for d in range(dim):
-            w[p, d] -= lr * acc[j, d]
+            w[p, d] -= lr * acc[d]
     elif kind == ROWWISE_ADAGRAD:
         if weight_decay != 0:
             for d in range(dim):
-                acc[j, d] += weight_decay * w[p, d]
+                acc[d] += weight_decay * w[p, d]
         g2 = np.float32(0.0)
         for d in range(dim):
-            g2 += acc[j, d] * acc[j, d]
+            g2 += acc[d] * acc[d]
         st = state[p, 0] + g2 / np.float32(dim)
         state[p, 0] = st
         m = lr / (np.sqrt(st) + eps)
         for d in range(dim):
-            w[p, d] -= m * acc[j, d]
+            w[p, d] -= m * acc[d]
     else:
         for d in range(dim):
-            g = acc[j, d]
+            g = acc[d]
             st = state[p, d] + g * g
             state[p, d] = st
             w[p, d] -= lr * g / (np.sqrt(st) + eps)
 
 
+#: bits per pass of the contribution sort (a 2048-entry histogram stays in L1)
+RADIX_BITS = 11
+
+
+@numba.njit(**_JIT)
+def sort_contributions(pos, src, scale, key_bits, keys):
+    """Contributions sorted by slab position, stably (ties keep input order).
+
+    Returns a view of ``keys`` (int64 scratch, at least 2 * len(pos)) holding
+    ``pos[i] << 32 | payload`` in ascending position order, where payload is ``src[i]`` when
+    ``scale`` is empty and ``i`` otherwise. Requires 0 <= pos[i] < 2**key_bits <= 2**31 and
+    payloads in [0, 2**32). LSD radix sort, RADIX_BITS per pass: one pass builds every
+    histogram, then one scatter pass per digit.
+    """
+    n = pos.shape[0]
+    a = keys[:n]
+    b = keys[n:2 * n]
+    scaled = scale.shape[0] > 0
+    passes = max(1, (key_bits + RADIX_BITS - 1) // RADIX_BITS)
+    mask = (1 << RADIX_BITS) - 1
+    hist = np.zeros((passes, 1 << RADIX_BITS), dtype=np.int64)
+    for i in range(n):
+        p = np.int64(pos[i])
+        a[i] = (p << 32) | (np.int64(i) if scaled else np.int64(src[i]))
+        for q in range(passes):
+            hist[q, (p >> (q * RADIX_BITS)) & mask] += 1
+    for q in range(passes):
+        t = 0
+        for c in range(1 << RADIX_BITS):
+            h = hist[q, c]
+            hist[q, c] = t
+            t += h
+        shift = 32 + q * RADIX_BITS
+        for i in range(n):
+            x = a[i]
+            c = (x >> shift) & mask
+            k = hist[q, c]
+            b[k] = x
+            hist[q, c] = k + 1
+        a, b = b, a
+    return a
+
+
+@numba.njit(inline="always", **_JIT)
+def _prefetch_slab_row(w, state, p):
+    _prefetch_row(w, p)
+    if state.shape[1]:
+        _prefetch(state, (p, 0))
+
+
 @numba.njit(fastmath=_FASTMATH, **_JIT)
 def apply_rows(kind, pos, src, scale, grad, w, state, dirty, modified, lr, eps, weight_decay,
-               mark, acc, upos):
+               keys):
     """Sum contributions per slab row, then apply the optimizer to each distinct row.
 
-    Contribution i adds ``scale[i] * grad[src[i]]`` (scale empty: 1) to slab row ``pos[i]``;
-    each updated row gets its ``dirty`` (write-back) and ``modified`` (checkpoint) flags set;
-    a row's contributions are summed in input order. Scratch: mark int64[len(w)] (all -1;
-    restored), acc float32[>= len(pos), dim], upos int64[>= len(pos)]. Both passes prefetch
-    PREFETCH_DISTANCE rows ahead: random row access is memory-latency bound (measured 1.4-2x).
-    Returns the number of distinct rows updated.
+    Contribution i adds ``scale[i] * grad[src[i]]`` (scale empty: 1) to slab row ``pos[i]``
+    (0 <= pos[i] < len(w) <= 2**31; 0 <= src[i] < len(grad), len(pos) < 2**32); a row's
+    contributions are summed in input order, in float32, before its one update; each updated
+    row gets its ``dirty`` (write-back) and ``modified`` (checkpoint) flags set after its
+    update. Scratch: keys int64[>= 2 * len(pos)]. Returns the number of distinct rows updated.
+
+    Like FBGEMM's CPU backward: the contributions are radix-sorted by position
+    (:func:`sort_contributions`), then each run of one row sums its gradient rows (``grad`` is
+    [B, dim], cache-resident) into a dim-float buffer and updates the row at once. Rows are
+    visited in ascending slab order and prefetched PREFETCH_DISTANCE rows ahead. Against the
+    earlier two-pass kernel (scatter into a [distinct rows, dim] accumulator, then update in
+    first-occurrence order) this measured 1.3-1.8x faster at pooling 20
+    (benchmarks/bench_kernels.py).
     """
     n = pos.shape[0]
     dim = grad.shape[1]
     scaled = scale.shape[0] > 0
-    far = 2 * PREFETCH_DISTANCE
-    u = 0
-    for i in range(n):
-        if i + far < n:
-            _prefetch(mark, (pos[i + far],))
-        if i + PREFETCH_DISTANCE < n:
-            ahead = mark[pos[i + PREFETCH_DISTANCE]]
-            if ahead >= 0:
-                _prefetch_row(acc, ahead)
-            _prefetch_row(grad, src[i + PREFETCH_DISTANCE])
-        p = pos[i]
-        c = scale[i] if scaled else np.float32(1.0)
-        r = src[i]
-        j = mark[p]
-        if j < 0:
-            j = u
-            mark[p] = u
-            upos[u] = p
-            u += 1
-            for d in range(dim):
-                acc[j, d] = c * grad[r, d]
-        else:
-            for d in range(dim):
-                acc[j, d] += c * grad[r, d]
+    key_bits = 1
+    while (1 << key_bits) < w.shape[0]:
+        key_bits += 1
+    v = sort_contributions(pos, src, scale, key_bits, keys)
+    acc = np.empty(dim, dtype=np.float32)
     lr32, eps32, wd32 = np.float32(lr), np.float32(eps), np.float32(weight_decay)
-    for j in range(u):
-        if j + PREFETCH_DISTANCE < u:
-            _prefetch_row(w, upos[j + PREFETCH_DISTANCE])
-            if state.shape[1]:
-                _prefetch_row(state, upos[j + PREFETCH_DISTANCE])
-        p = upos[j]
-        mark[p] = -1
-        _update_row(kind, p, j, acc, w, state, lr32, eps32, wd32)
+    low = np.int64(0xFFFFFFFF)
+    pf = 0  # prefetch cursor: start of the first run not prefetched yet
+    for _ in range(PREFETCH_DISTANCE + 1):
+        if pf < n:
+            q = v[pf] >> 32
+            _prefetch_slab_row(w, state, q)
+            while pf < n and (v[pf] >> 32) == q:
+                pf += 1
+    u = 0
+    k = 0
+    while k < n:
+        p = v[k] >> 32
+        x = v[k] & low
+        c = scale[x] if scaled else np.float32(1.0)
+        r = src[x] if scaled else x
+        for d in range(dim):
+            acc[d] = c * grad[r, d]
+        k += 1
+        while k < n and (v[k] >> 32) == p:
+            x = v[k] & low
+            c = scale[x] if scaled else np.float32(1.0)
+            r = src[x] if scaled else x
+            for d in range(dim):
+                acc[d] += c * grad[r, d]
+            k += 1
+        _update_row(kind, p, acc, w, state, lr32, eps32, wd32)
         dirty[p] = 1  # after the row: a concurrent write-back clears, then reads (pins.py)
         modified[p] = 1
+        u += 1
+        if pf < n:
+            q = v[pf] >> 32
+            _prefetch_slab_row(w, state, q)
+            while pf < n and (v[pf] >> 32) == q:
+                pf += 1
     return u
 
 
