@@ -256,10 +256,20 @@ class Store:
                                    per_sample_weights, include_last_offset)
 
     # -- rows for checkpoints (tierstore/ckpt) -----------------------------------------------
-    def take_modified(self, table: str | Table) -> np.ndarray:
+    def take_modified(self, table: str | Table, deferred: bool = False) -> Any:
         """Sorted distinct row ids modified since the previous call (or since the table was
-        opened); clears the record, so each modification is reported once."""
-        return self._entry(table).cache.take_modified()
+        opened); clears the record, so each modification is reported once.
+
+        ``deferred=True`` (checkpoints): take the record without enumerating it and return an
+        open copy-on-write snapshot of the table (:class:`tierstore.tiers.ddr.CowSnapshot`):
+        its ``take_modified()`` lists the rows (from any thread), ``written_rows()`` lists
+        what :meth:`written_rows` would have, ``fix(rows)`` narrows it to the rows to save;
+        ``release()`` when done. Costs O(1) plus a copy of two bytes per cached row.
+        One snapshot per table at a time."""
+        e = self._entry(table)
+        if deferred:
+            return e.cache.snapshot_rows(None)
+        return e.cache.take_modified()
 
     def read_rows(self, table: str | Table, rows: Any) -> tuple[np.ndarray, np.ndarray]:
         """Current (weights [n, dim] of the table dtype, state [n, state_dim] float32) of

@@ -3,7 +3,8 @@
 ``TIERSTORE_CKPT_PAUSE=POINT[:N]`` makes the N-th (default first) arrival at POINT create the
 file named by ``TIERSTORE_CKPT_PAUSE_FILE`` (if set) and sleep forever. Points, in write order:
 
-- ``snapshot``: rows taken (``take_modified`` + ``read_rows``) in the caller, nothing written;
+- ``snapshot``: the caller's part done (modified-row records taken; "sync": rows copied),
+  nothing written;
 - ``begin``: the checkpoint directory exists, no chunk yet;
 - ``chunk``: after each chunk file is written (``chunk:3`` = after the third);
 - ``manifest``: ``manifest.json.tmp`` written and fsynced, not yet renamed (not committed);

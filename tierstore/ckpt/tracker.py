@@ -50,5 +50,16 @@ class ModifiedRows:
         self._parts, self._buffered = [], 0
         return rows
 
+    def freeze(self) -> "np.ndarray | list[np.ndarray]":
+        """Take the record without reading it: returns what was marked since the last take
+        (dense: the per-row uint8 flags; sparse: the list of id arrays, duplicates allowed)
+        and starts an empty record. O(1): the caller enumerates the frozen record later (a
+        checkpoint's background thread), while new marks go to the fresh one."""
+        if self.dense:
+            frozen, self._flags = self._flags, np.zeros(len(self._flags), dtype=np.uint8)
+            return frozen
+        parts, self._parts, self._buffered = self._parts, [], 0
+        return parts
+
     def clear(self) -> None:
         self.take()

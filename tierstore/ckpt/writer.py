@@ -1,25 +1,31 @@
 """Taking checkpoints: the snapshot in the caller, the background writer, retention.
 
-:func:`checkpoint` stalls the caller only to snapshot: ``take_modified`` of every table (once
-per table per checkpoint, whatever the kind, so the record always means "since the previous
-checkpoint"), the policy decision, the snapshot of the rows to save (plus a copy of
-``extra_state``). A background thread then quantizes, compresses, writes, fsyncs and commits;
-numba's kernels, zstd and file writes release the GIL, so training goes on meanwhile. One
-writer at a time: a new checkpoint of a store first waits for the previous one's write, and a
-root is flock'ed by the process writing it.
+:func:`checkpoint` stalls the caller only to snapshot; a background thread then
+quantizes, compresses, writes, fsyncs and commits; numba's kernels, zstd and file writes
+release the GIL, so training goes on meanwhile. ``take_modified`` is called once per table
+per checkpoint, whatever the kind, so the record always means "since the previous
+checkpoint". One writer at a time: a new checkpoint of a store first waits for the previous
+one's write, and a root is flock'ed by the process writing it.
 
-The snapshot of the rows (``snapshot=``):
+The snapshot (``snapshot=``):
 
-- ``"cow"`` (copy-on-write; the default for an embedded :class:`tierstore.Store`): the caller
-  only marks the rows pending (``Store.snapshot_rows``: a flag per row). The background
-  thread copies them chunk by chunk (``COW_CHUNK_ROWS`` per hold of the table's snapshot
-  lock) into a part buffer (one per table, up to ``format.PART_ROWS`` rows, kept by the
-  session for the next checkpoint) just before encoding them, and every path that changes row
-  values (the optimizer update, on DRAM or SCM; ``write_rows``; ``reset_table``,
-  ``drop_table`` and anything else that closes a DRAM tier) first copies the still-pending
-  rows it is about to change. The checkpoint holds exactly the values at the call, the same
-  bytes as ``"sync"``; the stall is a flag per row, and the steps during the write pay for
-  copying the pending rows they update (once per row).
+- ``"cow"`` (copy-on-write; the default for an embedded :class:`tierstore.Store`): the
+  caller only *takes* each table's modified-row record into an open snapshot
+  (``Store.take_modified(name, deferred=True)``: the slots' modified and dirty flags are
+  copied and cleared, the tracker's per-row record swapped for an empty one; O(1) plus two
+  bytes per cached row) and copies ``extra_state``. Everything else runs in the background
+  thread before it writes: enumerating the record, the policy decision (:class:`_Plan`), the
+  row set of a baseline (``written_rows``: the dirty flags taken plus a scan of the row file's
+  data extents), and narrowing the snapshot to the rows to save (``fix``). Until then every
+  row the training thread changes is copied first (its value at the checkpoint); after,
+  only the pending rows of the set. The writer copies the pending rows chunk by chunk
+  (``COW_CHUNK_ROWS`` per hold of the table's snapshot lock) into a part buffer (one per
+  table, up to ``format.PART_ROWS`` rows, kept by the session for the next checkpoint) just
+  before encoding them, and every path that changes row values (the optimizer update, on
+  DRAM or SCM; ``write_rows``; ``reset_table``, ``drop_table`` and anything else that closes a
+  DRAM tier, which waits for the set to be fixed) first copies the still-pending rows it is
+  about to change. The checkpoint holds exactly the values at the call, the same bytes as
+  ``"sync"``; ``handle.kind`` is known once the writer has decided (milliseconds later).
 - ``"sync"``: the caller copies every row to save (``read_rows``) before returning. Needed
   where rows change behind the Store's back: the service (``tierstored``), whose clients write
   the shared slab directly, so copy-on-write cannot see their updates.
@@ -68,6 +74,9 @@ COW_CHUNK_ROWS = 4096
 #: tests: called by the writer thread as ``hook(table, lo, hi)`` after copying snapshot rows
 #: [lo, hi) of a copy-on-write snapshot, outside the lock
 _fill_hook: Any = None
+#: tests: called by the writer thread as ``hook(handle)`` before it enumerates the records
+#: its open copy-on-write snapshots took (the rows to save are not decided yet)
+_prepare_hook: Any = None
 DEFAULT_KEEP = 2
 DEFAULT_ZSTD_LEVEL = 1
 
@@ -155,17 +164,38 @@ class CheckpointHandle:
     """A checkpoint being written in the background. ``path`` is final as soon as
     :func:`checkpoint` returns; the checkpoint exists once :meth:`wait` returns."""
 
-    def __init__(self, path: str, kind: str, reason: str) -> None:
+    def __init__(self, path: str, kind: str | None = None, reason: str | None = None) -> None:
         self.path = path
         self.name = os.path.basename(path)
-        self.kind = kind
-        self.reason = reason
+        self._kind = kind
+        self._reason = reason
         self.stall_s = 0.0
         self.snapshot: dict[str, Any] = {}  # where the stall went
         self.stats: dict[str, Any] = {}     # the background write, once done
+        self._decided = threading.Event()
+        if kind is not None:
+            self._decided.set()
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._manifest: dict[str, Any] | None = None
+
+    def _decide(self, kind: str, reason: str) -> None:
+        self._kind, self._reason = kind, reason
+        self._decided.set()
+
+    @property
+    def kind(self) -> str | None:
+        """full | cumulative | delta. A copy-on-write checkpoint decides in its writer
+        thread: this waits for that (milliseconds after :func:`checkpoint` returned); None if
+        the write failed first."""
+        self._decided.wait()
+        return self._kind
+
+    @property
+    def reason(self) -> str | None:
+        """Why the policy chose :attr:`kind` (waits as :attr:`kind` does)."""
+        self._decided.wait()
+        return self._reason
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -183,7 +213,7 @@ class CheckpointHandle:
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "writing"
-        return f"CheckpointHandle({self.path!r}, {self.kind}, {state})"
+        return f"CheckpointHandle({self.path!r}, {self._kind}, {state})"
 
 
 # -- snapshot --------------------------------------------------------------------------------
@@ -219,6 +249,12 @@ class _TableSnap:
                 _fill_hook(name, a, b)
         self.cow.merge_copied(lo, hi, w, s)
         return w, s
+
+    @classmethod
+    def empty(cls, spec: TableSpec, scheme: quant.Scheme, rows: np.ndarray) -> "_TableSnap":
+        """A table with no rows to save."""
+        return cls(spec, scheme, rows, np.empty((0, spec.dim), spec.layout.np_dtype),
+                   np.empty((0, spec.layout.state_dim), np.float32))
 
     def release(self) -> None:
         if self.cow is not None:
@@ -279,9 +315,10 @@ def checkpoint(store: Any, root: str | os.PathLike, policy: str = "intermittent"
     keep: retention, the newest ``keep`` chains (baseline + increments) are kept; None = all.
     step, reader: the training step and data-reader position (JSON), kept in the manifest.
     extra_state: dense state saved through torch.distributed.checkpoint.
-    snapshot: "cow" (rows copied on write, stall ~ a flag per row), "sync" (rows copied before
-        returning; the service, whose clients write the slab directly) or "auto" (cow unless
-        the store shares its slabs): see the module docstring.
+    snapshot: "cow" (the modified-row record taken, rows decided and copied in the
+        background or copied on write; stall O(1) + two bytes per cached row), "sync" (rows
+        decided and copied before returning; the service, whose clients write the slab
+        directly) or "auto" (cow unless the store shares its slabs): see the module docstring.
     wait: block until committed (tests, the CLI).
     Returns a :class:`CheckpointHandle` (``.path``, ``.wait()``).
     """
@@ -330,10 +367,14 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
               step: int | None, reader: Any, extra_state: dict[str, Any] | None,
               zstd_level: int, lock: fmt.RootLock, mode: str = "sync",
               started: list | None = None) -> "_Job":
-    """The caller's part of a checkpoint: take the modified rows, decide the kind, snapshot
-    the rows (``mode`` "cow" | "sync"); returns the job that writes it. Copy-on-write
-    snapshots are appended to ``started`` as they are taken (the caller releases them if this
-    raises)."""
+    """The caller's part of a checkpoint; returns the job that writes it.
+
+    ``mode="sync"``: take the modified rows, decide the kind and copy the rows to save, here.
+    ``mode="cow"``: only take each table's modified-row record into an open copy-on-write
+    snapshot (``store.take_modified(name, deferred=True)``: O(1) plus a copy of two bytes per
+    cached row); the job's thread enumerates the record, decides and narrows the snapshots to
+    the rows to save before writing them. Snapshots are appended to ``started`` as they are
+    taken (the caller releases them if this raises)."""
     if started is None:
         started = []
     t_start = time.perf_counter()
@@ -341,7 +382,15 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
     specs = {n: store.open_table(n).spec for n in names}
     for spec in specs.values():
         check_row_sparse(spec)
-    mods = {n: store.take_modified(n) for n in names}  # exactly once per table, always
+    deferred = mode == "cow"
+    opened: dict[str, Any] = {}
+    mods: dict[str, np.ndarray] = {}
+    if deferred:
+        for n in names:  # exactly once per table, always
+            opened[n] = store.take_modified(n, deferred=True)
+            started.append(opened[n])
+    else:
+        mods = {n: store.take_modified(n) for n in names}
 
     head = sess.head if sess.root == root else None
     forced = None
@@ -360,57 +409,29 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
     elif head["scheme"] != scheme.to_json() or head["state_dtype"] != state_dtype:
         forced = f"scheme changed from {quant.Scheme.from_json(head['scheme']).name}/" \
                  f"{head['state_dtype']} to {scheme.name}/{state_dtype}"
-
     t_take = time.perf_counter()
-    trusted = forced is None
-    cumulative = opts.increment_kind == "cumulative" and opts.policy != "full"
-    if trusted:
-        # every row written since the baseline was modified since (the write path marks it),
-        # so the session's record of written rows stays exact without scanning the store
-        for n in names:
-            sess.written[n].add(mods[n])
-    if trusted and cumulative:
-        since = sess.since_base
-        for n in names:
-            since[n].add(mods[n])
-        union = {n: since[n].rows() for n in names}
-    else:
-        since = {n: RowSet(specs[n]) for n in names}
-        union = {n: mods[n] for n in names}
-        if cumulative:
-            for n in names:
-                since[n].add(mods[n])
 
-    decision = decide(opts, forced, head["cycle"] if head else None,
-                      sum(len(u) for u in union.values()), sum(len(m) for m in mods.values()),
-                      lambda: sum(sess.written[n].count() for n in names))
-    kind = decision.kind
-    if kind == "full":
-        if trusted:
-            rows = {n: sess.written[n].rows() for n in names}
-        else:
-            rows = {n: store.written_rows(n) for n in names}
-            sess.written = {n: RowSet(specs[n], rows[n]) for n in names}
-    else:
-        rows = union if kind == "cumulative" else mods
-    t_decide = time.perf_counter()
-
-    snaps: dict[str, _TableSnap] = {}
+    seq = fmt.next_seq(root)
+    if sess.job is not None and sess.root == root:
+        seq = max(seq, (fmt.seq_of(sess.job.handle.name) or 0) + 1)
+    created, created_unix = fmt.now()
+    plan = _Plan(sess, names, specs, opts, scheme, state_dtype, restores, head, forced, step,
+                 reader, fmt.ckpt_name(seq), seq, created, created_unix)
     for gone in set(sess.buffers) - set(names):
         del sess.buffers[gone]
-    for n in names:
-        tscheme = _table_scheme(specs[n], scheme)
-        if not len(rows[n]):
-            snaps[n] = _TableSnap(specs[n], tscheme, rows[n],
-                                  np.empty((0, specs[n].dim), specs[n].layout.np_dtype),
-                                  np.empty((0, specs[n].layout.state_dim), np.float32))
-        elif mode == "cow":
-            cow = store.snapshot_rows(n, rows[n])
-            started.append(cow)
-            snaps[n] = _TableSnap(specs[n], tscheme, cow.rows, None, None, cow, sess.buffers)
-        else:
-            w, s = store.read_rows(n, rows[n])
-            snaps[n] = _TableSnap(specs[n], tscheme, rows[n], w, s)
+    snaps: dict[str, _TableSnap] = {}
+    decision = None
+    if not deferred:
+        decision, rows = plan.decide(mods, store.written_rows)
+    t_decide = time.perf_counter()
+    if not deferred:
+        for n in names:
+            tscheme = _table_scheme(specs[n], scheme)
+            if not len(rows[n]):
+                snaps[n] = _TableSnap.empty(specs[n], tscheme, rows[n])
+            else:
+                w, s = store.read_rows(n, rows[n])
+                snaps[n] = _TableSnap(specs[n], tscheme, rows[n], w, s)
     t_read = time.perf_counter()
     dense = None
     if extra_state is not None:
@@ -419,72 +440,180 @@ def _snapshot(store: Any, sess: _Session, root: str, opts: PolicyOptions,
     t_dense = time.perf_counter()
     pause("snapshot")
 
-    seq = fmt.next_seq(root)
-    if sess.job is not None and sess.root == root:
-        seq = max(seq, (fmt.seq_of(sess.job.handle.name) or 0) + 1)
-    name = fmt.ckpt_name(seq)
-    if kind == "full":
-        baseline, restore_set = name, [name]
-        cycle = {"baseline": name, "baseline_rows": int(sum(len(r) for r in rows.values())),
-                 "increment_rows": []}
-    else:
-        assert head is not None
-        baseline = head["baseline"]
-        restore_set = ([baseline, name] if kind == "cumulative"
-                       else list(head["restore_set"]) + [name])
-        cycle = {**head["cycle"], "increment_rows":
-                 list(head["cycle"]["increment_rows"]) + [int(sum(len(r) for r in rows.values()))]}
-    created, created_unix = fmt.now()
-    body = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, "name": name, "seq": seq, "kind": kind,
-        "reason": decision.reason, "policy": opts.to_json(), "parent": head["name"] if head else None,
-        "baseline": baseline, "restore_set": restore_set, "step": step, "reader": reader,
-        "created": created, "created_unix": created_unix, "scheme": scheme.to_json(),
-        "state_dtype": state_dtype, "restores": restores, "cycle": cycle,
-        "tables": {n: {"spec": specs[n].to_json(), "scheme": snaps[n].scheme.to_json(),
-                       "rows": int(len(snaps[n].rows))} for n in names},
-    }
-    handle = CheckpointHandle(os.path.join(root, name), kind, decision.reason)
-    # read_rows_s: the rows' snapshot (a copy for "sync", pending flags for "cow")
+    handle = CheckpointHandle(os.path.join(root, plan.name))
+    # take_modified_s: the record taken (and enumerated, "sync"); decide_s: the policy
+    # ("sync"; "cow" decides in the writer thread); read_rows_s: the rows copied ("sync")
     handle.snapshot = {"take_modified_s": t_take - t_start, "decide_s": t_decide - t_take,
                        "read_rows_s": t_read - t_decide, "extra_state_s": t_dense - t_read,
-                       "rows": int(sum(len(r) for r in rows.values())), "mode": mode}
-    job = _Job(handle, root, body, snaps, dense, zstd_level, keep, lock, sess)
+                       "mode": mode, "deferred": deferred}
+    body = None
+    if decision is not None:
+        body = plan.body(decision, snaps)
+        handle._decide(decision.kind, decision.reason)
+        handle.snapshot["rows"] = int(sum(len(s.rows) for s in snaps.values()))
+    job = _Job(handle, root, body, snaps, dense, zstd_level, keep, lock, sess, plan, opened)
 
     # the session now stands at the new checkpoint; a failed write sends it back to a baseline
     sess.root = root
     sess.head = None      # set by the job on commit
-    sess.untrusted_reason = f"the write of {name} has not committed"
+    sess.untrusted_reason = f"the write of {plan.name} has not committed"
     sess.restores = restores
-    if kind == "full":
-        since = {n: RowSet(specs[n]) for n in names}
-    sess.since_base = since
     return job
+
+
+@dataclass
+class _Plan:
+    """What the caller knew when it took a checkpoint: decides its kind and rows from the
+    modified rows and builds the manifest body (in the caller for "sync" snapshots, in the
+    writer thread for copy-on-write ones; either way before the session is used again)."""
+
+    sess: _Session
+    names: list[str]
+    specs: dict[str, TableSpec]
+    opts: PolicyOptions
+    scheme: quant.Scheme
+    state_dtype: str
+    restores: int
+    head: dict[str, Any] | None
+    forced: str | None
+    step: int | None
+    reader: Any
+    name: str
+    seq: int
+    created: str
+    created_unix: float
+    decision: Any = None
+
+    def decide(self, mods: dict[str, np.ndarray], written_rows: Any
+               ) -> tuple[Any, dict[str, np.ndarray]]:
+        """(policy decision, sorted rows to save per table) from the rows modified since the
+        previous checkpoint; updates the session's row sets. ``written_rows(name)``: every
+        row that may differ from its initial value (asked for untrusted baselines only)."""
+        sess, names, specs = self.sess, self.names, self.specs
+        trusted = self.forced is None
+        cumulative = self.opts.increment_kind == "cumulative" and self.opts.policy != "full"
+        if trusted:
+            # every row written since the baseline was modified since (the write path marks
+            # it), so the session's record of written rows stays exact without a scan
+            for n in names:
+                sess.written[n].add(mods[n])
+        if trusted and cumulative:
+            since = sess.since_base
+            for n in names:
+                since[n].add(mods[n])
+            union = {n: since[n].rows() for n in names}
+        else:
+            since = {n: RowSet(specs[n]) for n in names}
+            union = {n: mods[n] for n in names}
+            if cumulative:
+                for n in names:
+                    since[n].add(mods[n])
+        head = self.head
+        decision = decide(self.opts, self.forced, head["cycle"] if head else None,
+                          sum(len(u) for u in union.values()),
+                          sum(len(m) for m in mods.values()),
+                          lambda: sum(sess.written[n].count() for n in names))
+        if decision.kind == "full":
+            if trusted:
+                rows = {n: sess.written[n].rows() for n in names}
+            else:
+                rows = {n: written_rows(n) for n in names}
+                sess.written = {n: RowSet(specs[n], rows[n]) for n in names}
+            since = {n: RowSet(specs[n]) for n in names}
+        else:
+            rows = union if decision.kind == "cumulative" else mods
+        sess.since_base = since
+        self.decision = decision
+        return decision, rows
+
+    def body(self, decision: Any, snaps: dict[str, "_TableSnap"]) -> dict[str, Any]:
+        """The manifest body (without the files) of the decided checkpoint."""
+        name, head, kind = self.name, self.head, decision.kind
+        n_rows = int(sum(len(s.rows) for s in snaps.values()))
+        if kind == "full":
+            baseline, restore_set = name, [name]
+            cycle = {"baseline": name, "baseline_rows": n_rows, "increment_rows": []}
+        else:
+            assert head is not None
+            baseline = head["baseline"]
+            restore_set = ([baseline, name] if kind == "cumulative"
+                           else list(head["restore_set"]) + [name])
+            cycle = {**head["cycle"], "increment_rows":
+                     list(head["cycle"]["increment_rows"]) + [n_rows]}
+        return {
+            "format": fmt.FORMAT, "version": fmt.VERSION, "name": name, "seq": self.seq,
+            "kind": kind, "reason": decision.reason, "policy": self.opts.to_json(),
+            "parent": head["name"] if head else None, "baseline": baseline,
+            "restore_set": restore_set, "step": self.step, "reader": self.reader,
+            "created": self.created, "created_unix": self.created_unix,
+            "scheme": self.scheme.to_json(), "state_dtype": self.state_dtype,
+            "restores": self.restores, "cycle": cycle,
+            "tables": {n: {"spec": self.specs[n].to_json(), "scheme": snaps[n].scheme.to_json(),
+                           "rows": int(len(snaps[n].rows))} for n in self.names},
+        }
 
 
 # -- the background writer -------------------------------------------------------------------
 
 class _Job:
-    def __init__(self, handle: CheckpointHandle, root: str, body: dict[str, Any],
+    def __init__(self, handle: CheckpointHandle, root: str, body: dict[str, Any] | None,
                  snaps: dict[str, _TableSnap], dense: dict[str, Any] | None, zstd_level: int,
-                 keep: int | None, lock: fmt.RootLock, sess: _Session) -> None:
+                 keep: int | None, lock: fmt.RootLock, sess: _Session, plan: _Plan,
+                 opened: dict[str, Any] | None = None) -> None:
         self.handle = handle
         self.root = root
-        self.body = body
+        self.body = body  # None until prepared (copy-on-write)
         self.snaps = snaps
         self.dense = dense
         self.zstd_level = zstd_level
         self.keep = keep
         self.lock = lock
         self.sess = sess
+        self.plan = plan
+        #: open copy-on-write snapshots per table (the record taken, rows not decided yet)
+        self.opened = dict(opened or {})
         self.thread = threading.Thread(target=self.run, name=f"tierstore-ckpt {handle.name}",
                                        daemon=False)
+
+    def _prepare(self) -> None:
+        """Copy-on-write: enumerate the records the open snapshots took, decide the kind, and
+        narrow each snapshot to the rows to save (the training thread goes on meanwhile;
+        the rows it changes are copied first)."""
+        if _prepare_hook is not None:
+            _prepare_hook(self.handle)
+        t0 = time.perf_counter()
+        plan = self.plan
+        mods = {n: snap.take_modified() for n, snap in self.opened.items()}
+        t1 = time.perf_counter()
+        decision, rows = plan.decide(mods, lambda n: self.opened[n].written_rows())
+        t2 = time.perf_counter()
+        snaps: dict[str, _TableSnap] = {}
+        for n in plan.names:
+            snap = self.opened[n]
+            snap.fix(rows[n])
+            tscheme = _table_scheme(plan.specs[n], plan.scheme)
+            if not len(rows[n]):
+                snaps[n] = _TableSnap.empty(plan.specs[n], tscheme, rows[n])
+            else:
+                snaps[n] = _TableSnap(plan.specs[n], tscheme, snap.rows, None, None, snap,
+                                      self.sess.buffers)
+        self.opened = {}
+        self.snaps = snaps
+        self.body = plan.body(decision, snaps)
+        t3 = time.perf_counter()
+        h = self.handle
+        h.snapshot.update({"rows": int(sum(len(s.rows) for s in snaps.values())),
+                           "writer_take_modified_s": t1 - t0, "writer_decide_s": t2 - t1,
+                           "writer_fix_s": t3 - t2})
+        h._decide(decision.kind, decision.reason)
 
     def run(self) -> None:
         h = self.handle
         t0, c0 = time.perf_counter(), time.thread_time()
         created = False
         try:
+            if self.body is None:
+                self._prepare()
             for stale in fmt.incomplete(self.root):  # interrupted writers' leftovers
                 fmt.remove_checkpoint_dir(self.root, stale)
             os.mkdir(h.path, 0o700)
@@ -545,9 +674,13 @@ class _Job:
         finally:
             for snap in self.snaps.values():
                 snap.release()
+            for cow in self.opened.values():  # failed before its rows were decided
+                cow.release()
             self.snaps = {}
+            self.opened = {}
             self.dense = None
             self.lock.release()
+            h._decided.set()
             h._done.set()
 
     def _write_rows(self) -> tuple[list[dict[str, Any]], int]:

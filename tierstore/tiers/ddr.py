@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from tierstore.cache.base import CachePolicy
+from tierstore.ckpt import kernels as ck
 from tierstore.ckpt.tracker import ModifiedRows
 from tierstore.config import TableSpec
 from tierstore.optim import kernels
@@ -104,35 +106,213 @@ class CowSnapshot:
     write path may test them without the lock: a row it sees as not pending can be changed
     right away.
 
+    **Open snapshots** (``rows=None``; a checkpoint's default): the rows to save are not known
+    yet, so taking the snapshot costs O(1) plus two copies of a byte per slot: it *takes the
+    tier's modified-row record* (the slots' modified flags are copied and cleared, the
+    tracker's per-row record is swapped for an empty one) and the dirty flags, and every row
+    of the table is pending. The writer thread then enumerates what was taken
+    (:meth:`take_modified`, :meth:`written_rows`), decides which rows to save and narrows the
+    snapshot to them (:meth:`fix`); until then the write path copies every row it changes
+    the first time (a byte per table row says which were copied; ``_side`` keeps only those
+    of the fixed set). Evictions meanwhile hand the taken flags of the slots they empty to
+    :meth:`slots_leaving`, so a refilled slot never lends its flag to another row.
+    :meth:`drain` of an open snapshot first waits for :meth:`fix`, which needs nothing from
+    the thread that calls it.
+
     Not covered: updates that bypass :class:`DDRCache` (clients of the service writing the
     shared slab directly); the service therefore snapshots synchronously.
     """
 
-    def __init__(self, cache: "DDRCache", rows: np.ndarray) -> None:
+    #: slab positions folded per hold of the lock (open snapshots)
+    FOLD_CHUNK = 1 << 18
+
+    def __init__(self, cache: "DDRCache", rows: np.ndarray | None) -> None:
         self.cache: DDRCache | None = cache
-        self.rows = rows  # sorted distinct int64
         self.dim = cache.spec.dim
         self.dtype = cache.weights.dtype
         self.state_dim = cache.state.shape[1]
         self.lock = threading.Lock()
-        if cache.spec.id_space == "dense":
-            self._flags: np.ndarray | None = np.zeros(cache.spec.num_rows, dtype=np.uint8)
-            kernels.mark_rows(self._flags, rows)
-            self._still = None
-        else:
-            self._flags = None
-            self._still = np.ones(len(rows), dtype=bool)
+        self.dense = cache.spec.id_space == "dense"
+        self.num_rows = cache.spec.num_rows
+        self._flags: np.ndarray | None = None   # dense: 1 = pending (fixed snapshots)
+        self._still: np.ndarray | None = None   # sparse: per snapshot row, True = pending
         #: rows copied by the write path: (row ids, any order; weights; state)
         self._side: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        #: rows not copied yet (changed under the lock only)
-        self.left = len(rows)
         #: rows copied by the write path (the rest were copied by the writer)
         self.copied_on_write = 0
+        #: set once the row set is known (at once unless open)
+        self.fixed = threading.Event()
+        # open snapshots: which rows the write path copied, and the record taken
+        self._copied: np.ndarray | None = None      # dense: 1 = copied
+        self._copied_ids: np.ndarray | None = None  # sparse: sorted ids copied
+        self._slot_mod: np.ndarray | None = None
+        self._slot_dirty: np.ndarray | None = None
+        self._row_mod: Any = None  # dense: uint8 flags per row; sparse: list of id arrays
+        if rows is None:
+            self.rows: np.ndarray | None = None
+            #: rows not copied yet (changed under the lock only); -1 while open
+            self.left = -1
+            if self.dense:
+                self._copied = np.zeros(self.num_rows, dtype=np.uint8)
+            else:
+                self._copied_ids = np.empty(0, dtype=np.int64)
+            self._slot_mod = cache.modified.copy()
+            cache.modified.fill(0)
+            pins.fence()
+            self._slot_dirty = cache.dirty.copy()
+            self._row_mod = cache.tracker.freeze()
+        else:
+            self._set_rows(rows, None)
+            self.fixed.set()
 
+    def _set_rows(self, rows: np.ndarray, copied: Any) -> None:
+        """Pending := ``rows`` (sorted distinct int64) minus those in ``copied``."""
+        if self.dense:
+            flags = np.zeros(self.num_rows, dtype=np.uint8)
+            if copied is None:
+                left = int(kernels.mark_rows(flags, rows))
+            else:
+                left = int(ck.mark_unflagged(flags, rows, copied))
+            self._flags = flags
+        else:
+            still = np.ones(len(rows), dtype=bool)
+            if copied is not None and len(copied) and len(rows):
+                k = np.minimum(np.searchsorted(copied, rows), len(copied) - 1)
+                still &= copied[k] != rows
+            self._still = still
+            left = int(still.sum())
+        self.left = left
+        pins.fence()
+        self.rows = rows
+
+    # -- open snapshots: the writer thread -------------------------------------------------
+    def _fold_slots(self, slot_flags: np.ndarray, into: Any) -> None:
+        """Fold taken per-slot flags into rows (by the slots' current rows), a chunk of
+        positions per hold of the lock. ``into``: dense uint8 row flags, or a list."""
+        for lo in range(0, len(slot_flags), self.FOLD_CHUNK):
+            hi = min(len(slot_flags), lo + self.FOLD_CHUNK)
+            with self.lock:
+                c = self.cache
+                if c is None:
+                    raise RuntimeError("the snapshot was released")
+                if isinstance(into, np.ndarray):
+                    ck.fold_slots(slot_flags, c.row_of_pos, into, lo, hi)
+                else:
+                    p = lo + np.flatnonzero(slot_flags[lo:hi])
+                    if len(p):
+                        into.append(c.row_of_pos[p].astype(np.int64))
+                        slot_flags[p] = 0
+
+    def take_modified(self) -> np.ndarray:
+        """Open snapshot, writer thread: sorted distinct rows of the modified-row record it
+        took (what ``DDRCache.take_modified`` would have returned when it was taken). Once."""
+        if self._slot_mod is None or self._row_mod is None:
+            raise RuntimeError("take_modified: not an open snapshot, or already taken")
+        self._fold_slots(self._slot_mod, self._row_mod)
+        with self.lock:
+            self._slot_mod = None  # evictions stop looking
+            rec, self._row_mod = self._row_mod, None
+        if self.dense:
+            return ck.rows_of(rec)
+        return np.unique(np.concatenate(rec)) if rec else np.empty(0, np.int64)
+
+    def written_rows(self) -> np.ndarray:
+        """Open snapshot, writer thread: sorted ids of every row whose value may have
+        differed from its initial value when the snapshot was taken (dirty in DRAM then, or
+        written on SCM: rows written there since are included too). Once."""
+        if self._slot_dirty is None:
+            raise RuntimeError("written_rows: not an open snapshot, or already taken")
+        c = self.cache
+        if self.dense:
+            flags = np.zeros(self.num_rows, dtype=np.uint8)
+            self._fold_slots(self._slot_dirty, flags)
+            self._slot_dirty = None
+            # after the slots: an evicted dirty row reaches SCM before its slot is reused
+            mark = getattr(c.backing, "mark_written", None)
+            if mark is not None:
+                mark(flags)
+            else:
+                ck.mark(flags, np.asarray(c.backing.written_rows(), dtype=np.int64))
+            return ck.rows_of(flags)
+        parts: list[np.ndarray] = []
+        self._fold_slots(self._slot_dirty, parts)
+        self._slot_dirty = None
+        parts.append(np.asarray(c.backing.written_rows(), dtype=np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def fix(self, rows: np.ndarray) -> None:
+        """Open snapshot, writer thread: the rows to save are ``rows`` (sorted distinct
+        int64); rows the write path copied meanwhile count as copied, the others become
+        pending. A snapshot of no rows detaches."""
+        with self.lock:
+            if self.cache is None:
+                raise RuntimeError("fix: the snapshot was released")
+            if self.dense:
+                copied = self._copied
+                side = []
+                for r, w, s in self._side:  # keep the copies of rows in the set
+                    k = np.minimum(np.searchsorted(rows, r), max(0, len(rows) - 1))
+                    keep = rows[k] == r if len(rows) else np.zeros(len(r), bool)
+                    if keep.any():
+                        side.append((r[keep], w[keep], s[keep]))
+            else:
+                copied = self._copied_ids
+                side = []
+                for r, w, s in self._side:
+                    keep = np.isin(r, rows)
+                    if keep.any():
+                        side.append((r[keep], w[keep], s[keep]))
+            self._side = side
+            self._set_rows(rows, copied)
+            self._copied = self._copied_ids = None
+            self._slot_mod = self._slot_dirty = self._row_mod = None
+            self.fixed.set()
+            if len(rows) == 0:
+                self._detach()
+
+    def slots_leaving(self, pos: np.ndarray, rows: np.ndarray) -> None:
+        """Evictions (caller holds the lock): slab positions ``pos`` holding ``rows`` are
+        about to be refilled; the modified flags this open snapshot took for them go to their
+        rows now. (Their taken dirty flags need nothing: a dirty row is written to SCM before
+        its slot is reused, and :meth:`written_rows` reads SCM after the slots.)"""
+        sm = self._slot_mod
+        rec = self._row_mod
+        if sm is None or rec is None or len(pos) == 0:
+            return
+        if isinstance(rec, np.ndarray):
+            ck.clear_slots(sm, np.ascontiguousarray(pos, dtype=np.int64),
+                           np.ascontiguousarray(rows, dtype=np.int64), rec)
+        else:
+            m = sm[pos] != 0
+            if m.any():
+                rec.append(np.asarray(rows[m], dtype=np.int64))
+                sm[pos[m]] = 0
+
+    def _copy_open(self, ids: np.ndarray) -> None:
+        """Open snapshot, lock held: copy the rows among ``ids`` not copied yet."""
+        if self._copied is not None:
+            out = np.empty(len(ids), dtype=np.int64)
+            rows = out[:ck.take_unflagged(self._copied, ids, out)]
+        else:
+            u = np.unique(ids)
+            c = self._copied_ids
+            if len(c):
+                k = np.minimum(np.searchsorted(c, u), len(c) - 1)
+                u = u[c[k] != u]
+            rows = u
+            if len(rows):
+                self._copied_ids = np.union1d(c, rows)
+        if len(rows) == 0:
+            return
+        w, s = self.cache.read_rows(rows)
+        self._side.append((rows, w, s))
+        self.copied_on_write += len(rows)
+
+    # -- fixed snapshots -------------------------------------------------------------------
     def _take_pending(self, k: np.ndarray):
         """Read the still-pending snapshot rows among ``k`` (indices, ascending) and mark them
         copied; caller holds the lock. Returns (indices, weights, state) or None."""
-        if self.cache is None or self.left == 0 or len(k) == 0:
+        if self.cache is None or self.left <= 0 or len(k) == 0:
             return None
         if self._flags is not None:
             k = k[self._flags[self.rows[k]] != 0]
@@ -155,11 +335,22 @@ class CowSnapshot:
         ``ids`` (dense: a numba scan of their flags; sparse: a binary search)."""
         if self.left == 0 or len(ids) == 0:
             return
+        if self.rows is None:  # open: every row not copied yet is pending
+            copied = self._copied
+            if copied is not None and ck.all_flagged(copied, ids):
+                return
+            with self.lock:
+                if self.cache is None:
+                    return
+                if self.rows is None:
+                    self._copy_open(ids)
+                    return
+            # fixed meanwhile: go on as a fixed snapshot
         if self._flags is not None:
             if not kernels.any_flagged(self._flags, ids):
                 return
             with self.lock:
-                if self.cache is None or self.left == 0:
+                if self.cache is None or self.left <= 0:
                     return
                 out = np.empty(len(ids), dtype=np.int64)
                 rows = out[:kernels.take_flagged(self._flags, ids, out)]
@@ -169,6 +360,8 @@ class CowSnapshot:
                 self._side.append((rows, w, s))  # unsorted: merge_copied places them
                 self.left -= len(rows)
                 self.copied_on_write += len(rows)
+            return
+        if self._still is None or self.rows is None or len(self.rows) == 0:
             return
         k = np.searchsorted(self.rows, ids)
         k[k == len(self.rows)] = 0
@@ -191,7 +384,7 @@ class CowSnapshot:
         done = 0
         with self.lock:
             c = self.cache
-            if c is None or self.left == 0 or hi <= lo:
+            if c is None or self.left <= 0 or hi <= lo:
                 return 0
             if self._flags is not None and c._dense is not None \
                     and c.weights.dtype == w_out.dtype == np.float32:
@@ -231,11 +424,14 @@ class CowSnapshot:
                 s_out[j] = s[sel]
 
     def drain(self) -> None:
-        """Copy every pending row now (to the side list) and detach: the tier is going away."""
+        """Copy every pending row now (to the side list) and detach: the tier is going away.
+        An open snapshot first waits for the writer to :meth:`fix` its rows."""
+        self.fixed.wait()
         with self.lock:
-            got = self._take_pending(np.arange(len(self.rows), dtype=np.int64))
-            if got is not None:
-                self._side.append((self.rows[got[0]], got[1], got[2]))
+            if self.rows is not None and self.cache is not None:
+                got = self._take_pending(np.arange(len(self.rows), dtype=np.int64))
+                if got is not None:
+                    self._side.append((self.rows[got[0]], got[1], got[2]))
             self._detach()
 
     def release(self) -> None:
@@ -249,6 +445,9 @@ class CowSnapshot:
             self.cache.cow = None
         self.cache = None
         self.left = 0
+        self._copied = self._copied_ids = None
+        self._slot_mod = self._slot_dirty = self._row_mod = None
+        self.fixed.set()
 
 
 class SlabWriter:
@@ -264,26 +463,22 @@ class SlabWriter:
 
     def _init_scratch(self) -> None:
         self._mark = np.full(self.weights.shape[0], -1, dtype=np.int64)
-        #: the fused kernel's sort buffers (two int64 per contribution), reused between calls
-        self._keys = np.empty(0, dtype=np.int64)
+        self._acc = np.empty((0, self.spec.dim), dtype=np.float32)
+        self._upos = np.empty(0, dtype=np.int64)
         #: True: fused numba kernels on float32 tables; False: the plain torch path.
         self.fused = True
 
     def _apply_resident(self, pos, src, scale, g) -> None:
-        """The optimizer on resident slab rows: contribution i is ``scale[i] * g[src[i]]``
-        (scale empty: 1) to position ``pos[i]``; duplicates summed first, rows flagged dirty and
-        modified after their update. Fused numba kernel for float32 slabs (its packed sort
-        keys need positions below 2**31 and fewer than 2**32 contributions), torch otherwise."""
         kind = _KERNEL_KIND.get(type(self.spec.optimizer))
-        if (not self.fused or kind is None or self.weights.dtype != np.float32
-                or len(self.weights) > 2**31 or max(len(pos), len(g)) >= 2**32):
+        if not self.fused or kind is None or self.weights.dtype != np.float32:
             self._apply_resident_torch(pos, src, scale, g)
             return
         opt = self.spec.optimizer
+        acc, upos = self._scratch(len(pos))
         kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
                            self.modified,
                            opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._scratch(len(pos)))
+                           self._mark, acc, upos)
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
         """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
@@ -291,12 +486,13 @@ class SlabWriter:
         u = kernels.distinct_positions(pos, self._mark, out)
         return out[:u] - 1
 
-    def _scratch(self, n: int) -> np.ndarray:
-        """The fused kernel's sort buffer for n contributions (int64[>= 2n]), grown
-        geometrically and reused."""
-        if len(self._keys) < 2 * n:
-            self._keys = np.empty(max(2 * n, 2 * len(self._keys)), dtype=np.int64)
-        return self._keys
+    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel buffers for n contributions, grown geometrically and reused."""
+        if len(self._upos) < n:
+            size = max(n, 2 * len(self._upos))
+            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
+            self._upos = np.empty(size, dtype=np.int64)
+        return self._acc, self._upos
 
     def _apply_resident_torch(self, pos, src, scale, g) -> None:
         """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
@@ -490,7 +686,12 @@ class DDRCache(SlabWriter):
         self.counters["evictions"] += len(rows)
 
     def _fold_modified(self, pos: np.ndarray, rows: np.ndarray) -> None:
-        """Move the modified flags of slots ``pos`` (holding ``rows``) into the tracker."""
+        """Slots ``pos`` (holding ``rows``) are being evicted: move their modified flags into
+        the tracker, and those an open snapshot took into its record (the caller holds the
+        snapshot's lock)."""
+        cow = self.cow
+        if cow is not None:
+            cow.slots_leaving(pos, rows)
         mod = self.modified[pos] != 0
         if mod.any():
             self.tracker.add(rows[mod])
@@ -561,9 +762,12 @@ class DDRCache(SlabWriter):
         return self.tracker.take()
 
     def fold_all_modified(self) -> None:
-        """Before this tier is closed: keep every slot's modified flag in the tracker."""
+        """Before this tier is closed: keep every slot's modified flag in the tracker. (The
+        flags an open snapshot took are its writer's to fold: closing waits for that.)"""
         pos = np.flatnonzero(self.modified)
-        self._fold_modified(pos, self.row_of_pos[pos].astype(np.int64))
+        if len(pos):
+            self.tracker.add(self.row_of_pos[pos].astype(np.int64))
+            self.modified[pos] = 0
 
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Current weights and state of ``rows`` (DRAM if resident, else SCM), without
@@ -584,13 +788,15 @@ class DDRCache(SlabWriter):
         s[res] = self.state[p]
         return w, s
 
-    def snapshot_rows(self, rows: np.ndarray) -> CowSnapshot:
-        """Start a copy-on-write snapshot of ``rows`` (sorted distinct int64 ids): see
+    def snapshot_rows(self, rows: np.ndarray | None) -> CowSnapshot:
+        """Start a copy-on-write snapshot of ``rows`` (sorted distinct int64 ids), or, with
+        None, an open one that takes the modified-row record (as :meth:`take_modified`, but
+        enumerated later by the snapshot's owner) and keeps every row until ``fix``: see
         :class:`CowSnapshot`. One at a time per tier."""
         if self.cow is not None:
             raise RuntimeError(f"table {self.spec.name!r}: a snapshot is already in progress")
         snap = CowSnapshot(self, rows)
-        if len(rows):
+        if rows is None or len(rows):
             self.cow = snap
         else:
             snap.release()
