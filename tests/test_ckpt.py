@@ -345,13 +345,24 @@ def test_bench_smoke():
     from tierstore.bench import ckpt as bench
     res = bench.run(rows=3000, dim=8, batch=32, pooling=4, steps_between=3, checkpoints=3,
                     policies=("full", "intermittent"), bits=(32, 4), quality_steps=6,
-                    quality_bits=(32, 4), recon_rows=200, progress=False)
+                    quality_bits=(32, 4), recon_rows=200, progress=False,
+                    quality_data="synthetic:small", quality_batch=64,
+                    quality_eval_samples=512)
     b = res["bytes"]
     assert set(b["configs"]) == {"full/fp32", "full/adaptive4", "intermittent/fp32",
                                  "intermittent/adaptive4"}
     assert b["configs"]["full/fp32"]["written_ratio_vs_full_fp32"] == 1.0
     assert b["configs"]["intermittent/adaptive4"]["written_ratio_vs_full_fp32"] > 1.0
+    # the measured configuration takes the store's own record, the others the replay's: the
+    # same training, so the same kinds and (fp32 vs fp32 of another policy aside) rows
+    assert b["snapshot_mode"] == "cow" and len(b["stall_s"]) == 3
+    assert b["configs"]["intermittent/adaptive4"]["kinds"] == \
+        b["configs"]["intermittent/fp32"]["kinds"]
+    assert len(b["snapshot_rows"]) == 3 and min(b["snapshot_rows"]) > 0
     q = res["quality"]
+    assert q["job"] == "dlrm" and q["tables"] == 26 and q["restored_at"] == 3
     assert q["by_bits"]["32"]["rel_change"] == 0.0  # an exact restore changes nothing
-    assert "adaptive4" in q["reconstruction"] and "checks" in res
+    assert q["by_bits"]["4"]["eval_loss"] != q["eval_loss_never_restored"]  # 4 bits is lossy
+    assert "adaptive4" in q["reconstruction"] and "adaptive4" in b["reconstruction"]
+    assert "checks" in res and "stall_max_in_steps" in res["checks"]
     assert "checkpoints" in bench.table(res)
