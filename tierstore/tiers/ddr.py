@@ -560,6 +560,9 @@ class DDRCache(SlabWriter):
         self._rows = RowMarks(spec.num_rows, spec.id_space == "dense")
         #: the copy-on-write snapshot in progress (a checkpoint being written), if any
         self.cow: CowSnapshot | None = None
+        #: the last bypass read (backing generation, rows sorted, order, weights, state): the
+        #: backward of the same batch updates those rows on SCM and reuses it while current
+        self._bypass_read: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         #: the whole (dense) table fits: every row is loaded now, row r in slot r, and never
         #: evicted, so a batch's positions are its ids + 1 (no index read on the fast path)
         self.full_table = spec.id_space == "dense" and self.capacity >= spec.num_rows
@@ -648,7 +651,7 @@ class DDRCache(SlabWriter):
         if len(rest) == 0:
             return pos, None
         self.counters["bypassed"] += len(rest)
-        w, s = self.backing.read(rest)
+        w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s, *bypass_map(got, where, miss_at))
 
     def _admit(self, rows: np.ndarray, pos: np.ndarray) -> None:
@@ -722,11 +725,41 @@ class DDRCache(SlabWriter):
 
     def _apply_on_scm(self, ids, src, scale, g) -> None:
         rows, summed = _sum_contributions(ids, src, scale, g)
-        w, s = self.backing.read(rows)
+        w, s = self._read_scm(rows)
         wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
         self.spec.optimizer.update(wt, st, summed)
         self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
         self.tracker.add(rows)
+
+    def _read_bypass(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read rows the policy did not admit, and remember the read for :meth:`_read_scm`
+        (the arrays are shared with the Bypass, which nobody writes)."""
+        w, s = self.backing.read(rows)
+        gen = getattr(self.backing, "generation", None)
+        if gen is not None:
+            order = np.argsort(rows)
+            self._bypass_read = (gen, rows[order], order, w, s)
+        return w, s
+
+    def _read_scm(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weights and state of non-resident ``rows`` as SCM holds them: from the last bypass
+        read where the row file has not changed since (a batch's backward after its forward),
+        the rest from the file."""
+        saved = self._bypass_read
+        if saved is None or saved[0] != getattr(self.backing, "generation", None):
+            return self.backing.read(rows)
+        _, srows, order, sw, ss = saved
+        k = np.minimum(np.searchsorted(srows, rows), len(srows) - 1)
+        have = srows[k] == rows
+        if have.all():
+            i = order[k]
+            return sw[i], ss[i]
+        w = np.empty((len(rows), sw.shape[1]), dtype=sw.dtype)
+        s = np.empty((len(rows), ss.shape[1]), dtype=ss.dtype)
+        i = order[k[have]]
+        w[have], s[have] = sw[i], ss[i]
+        w[~have], s[~have] = self.backing.read(rows[~have])
+        return w, s
 
     # -- durability ------------------------------------------------------------------------
     def flush_dirty(self) -> int:
@@ -887,7 +920,7 @@ class DDRCache(SlabWriter):
         if len(rest) == 0:
             return pos, None
         self.counters["bypassed"] += len(rest)
-        w, s = self.backing.read(rest)
+        w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s)
 
     def retire(self) -> None:

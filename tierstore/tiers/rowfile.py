@@ -54,6 +54,9 @@ class RowFile:
         self.records = np.frombuffer(self.mm, dtype=np.uint8, offset=HEADER,
                                      count=spec.num_rows * rec).reshape(spec.num_rows, rec)
         self.jfd = os.open(self.journal_path, os.O_RDWR | os.O_CREAT, 0o600)
+        #: bumped by every change of the file's rows: a copy read at generation g is current
+        #: while generation == g (the DRAM tier reuses a batch's bypass reads in its backward)
+        self.generation = 0
         self._replay_journal()
 
     def _check_header(self, size: int) -> None:
@@ -158,10 +161,12 @@ class RowFile:
         os.ftruncate(self.fd, HEADER)
         os.ftruncate(self.fd, size)
         self.written = 0
+        self.generation += 1
         self.mm[24:32] = struct.pack("<Q", 0)
         self.mm.flush()
 
     def _apply(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
+        self.generation += 1
         self.records[rows] = rec
         self.written = count
         self.mm[24:32] = struct.pack("<Q", count)  # header field "written"
