@@ -9,6 +9,7 @@ with the same hashes, because numpy's per-call overhead dominates at batch size 
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 # Odd 64-bit multipliers (fixed, so hit rates are reproducible run to run).
@@ -29,6 +30,7 @@ _MASK64 = (1 << 64) - 1
 SKETCH_HASHES = 4  # rows of the count-min sketch: hashes 0..3
 # hash 4: position in a ghost list, hash 5: fingerprint (hash 6 is spare)
 _SHIFT32 = np.uint64(32)
+_SKETCH_MULTIPLIERS = np.ascontiguousarray(_MULTIPLIERS[:SKETCH_HASHES, 0])
 
 
 def row_hashes(rows: np.ndarray) -> np.ndarray:
@@ -48,6 +50,34 @@ def _positions_one(row: int, first: int, count: int, width: int) -> list[int]:
 def _reduce(hashes: np.ndarray, width: int) -> np.ndarray:
     """Map 32-bit hashes onto ``0..width-1`` without modulo bias (``hash * width >> 32``)."""
     return ((hashes * np.uint64(width)) >> _SHIFT32).astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _increment_batch(table, keys, multipliers, width, max_count):
+    """CountMinSketch.increment of a batch in one pass per nibble, with the numpy version's
+    exact semantics: every counter of the batch is read before any is written, so a counter
+    shared by several rows of the batch is raised once."""
+    n = keys.shape[0]
+    h = multipliers.shape[0]
+    byte = np.empty(n * h, dtype=np.int64)
+    high = np.empty(n * h, dtype=np.bool_)
+    w = np.uint64(width)
+    for i in range(n):
+        for j in range(h):
+            x = (keys[i] * multipliers[j]) >> np.uint64(32)
+            c = np.int64((x * w) >> np.uint64(32)) + j * width
+            byte[i * h + j] = c >> 1
+            high[i * h + j] = (c & 1) == 1
+    old = np.empty(n * h, dtype=np.uint8)
+    for nibble in range(2):
+        want_high = nibble == 1
+        shift = np.uint8(4 * nibble)
+        for k in range(n * h):
+            if high[k] == want_high:
+                old[k] = table[byte[k]]
+        for k in range(n * h):
+            if high[k] == want_high and ((old[k] >> shift) & max_count) < max_count:
+                table[byte[k]] = old[k] + (np.uint8(1) << shift)
 
 
 class CountMinSketch:
@@ -99,14 +129,9 @@ class CountMinSketch:
         if n == 1:
             self._increment_one(int(rows[0]))
         elif n > 1:
-            byte, shift = self._nibbles(row_hashes(rows))
-            byte, shift = byte.ravel(), shift.ravel()
-            for nibble in (0, 4):  # one nibble at a time: equal bytes then mean equal counters
-                b = byte[shift == nibble]
-                old = self._table[b]
-                up = ((old >> nibble) & self.MAX_COUNT) < self.MAX_COUNT
-                # duplicates all write old + 1: a counter shared in the batch is raised once
-                self._table[b[up]] = old[up] + np.uint8(1 << nibble)
+            keys = np.ascontiguousarray(rows, dtype=np.int64).view(np.uint64)
+            _increment_batch(self._table, keys, _SKETCH_MULTIPLIERS, self.width,
+                             np.uint8(self.MAX_COUNT))
         self.additions += n
         if self.additions >= self.sample:
             self._halve()
