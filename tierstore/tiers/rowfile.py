@@ -92,9 +92,15 @@ class RowFile:
         flag = self.layout.flag_offset
         newly = int((self.records[rows, flag] == 0).sum())
         count = self.written + newly
-        payload = b"".join((rows.tobytes(), rec.tobytes(), struct.pack("<Q", count)))
-        os.pwrite(self.jfd, _JHDR.pack(JMAGIC, len(rows), len(payload), zlib.crc32(payload))
-                  + payload, 0)
+        # payload = ids, records, count: written from the arrays' own buffers (no joined copy)
+        parts = (memoryview(rows).cast("B"), memoryview(rec).cast("B"), struct.pack("<Q", count))
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        size = sum(len(part) for part in parts)
+        head = _JHDR.pack(JMAGIC, len(rows), size, crc)
+        if os.pwritev(self.jfd, (head, *parts), 0) != len(head) + size:
+            raise OSError(f"{self.journal_path}: short journal write")
         self._apply(rows, rec, count)
         os.pwrite(self.jfd, b"\0" * 8, 0)  # journal record applied: disarm it
 
