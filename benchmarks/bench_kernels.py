@@ -1,39 +1,65 @@
-"""The fused numba write path against the plain torch path, same store, same batches.
+"""The fused numba write path against the plain torch path, same batches, interleaved.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_kernels.py [--json]
 
 Prints median ms per training step (pooled lookup + backward + row-wise Adagrad) of one table.
+The fused path is ``kernels.apply_rows`` (contributions radix-sorted by slab row, each row's
+gradient summed in a dim-float buffer and applied at once); the torch path is
+``SlabWriter._apply_resident_torch`` (sort-based dedupe, index_add, gather/scatter). The two
+stores take turns step by step, so machine noise hits both alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
+from typing import Callable
 
 import torch
 
 import tierstore as ts
-from tierstore.bench.common import median_seconds
 from tierstore.bench.workload import make_batches
 
 
-def step_time(rows: int, dim: int, pooling: int, fused: bool, repeats: int = 15) -> float:
+def step_times(rows: int, dim: int, pooling: int, repeats: int = 15) -> tuple[float, float]:
+    """Median seconds per step of (fused kernel, plain torch path), measured alternately."""
     batches = make_batches(1, rows, 4096, pooling, "uniform", 4, seed=1)
     grad = torch.randn(4096, dim)
-    with tempfile.TemporaryDirectory() as d, ts.Store(d, ddr_bytes=2 * rows * (dim * 4 + 32)) as s:
-        s.create_table(ts.TableSpec("t", rows, dim, optimizer=ts.RowWiseAdagrad(lr=0.01)))
-        s._entry("t").cache.fused = fused
-        it = iter(range(1 << 62))
+    with tempfile.TemporaryDirectory() as d:
+        stores = []
+        for fused in (True, False):
+            s = ts.Store(f"{d}/{int(fused)}", ddr_bytes=2 * rows * (dim * 4 + 32))
+            s.create_table(ts.TableSpec("t", rows, dim, optimizer=ts.RowWiseAdagrad(lr=0.01)))
+            s._entry("t").cache.fused = fused
+            stores.append(s)
+        try:
+            steps = [_stepper(s, batches, grad) for s in stores]
+            for _ in range(len(batches)):  # warm: admit the rows, compile
+                for step in steps:
+                    step()
+            times: list[list[float]] = [[], []]
+            for _ in range(repeats):
+                for k, step in enumerate(steps):
+                    t = time.perf_counter()
+                    step()
+                    times[k].append(time.perf_counter() - t)
+        finally:
+            for s in stores:
+                s.close()
+    return statistics.median(times[0]), statistics.median(times[1])
 
-        def step() -> None:
-            b = batches[next(it) % len(batches)]
-            s.pooled("t", b.indices[0], b.offsets[0], include_last_offset=True)
-            s.apply_pooled_gradients("t", b.indices[0], b.offsets[0], grad,
-                                     include_last_offset=True)
-        for _ in range(len(batches)):
-            step()
-        return median_seconds(step, repeats=repeats, warmup=0)
+
+def _stepper(s: ts.Store, batches, grad: torch.Tensor) -> Callable[[], None]:
+    it = iter(range(1 << 62))
+
+    def step() -> None:
+        b = batches[next(it) % len(batches)]
+        s.pooled("t", b.indices[0], b.offsets[0], include_last_offset=True)
+        s.apply_pooled_gradients("t", b.indices[0], b.offsets[0], grad, include_last_offset=True)
+    return step
 
 
 def main() -> None:
@@ -42,7 +68,7 @@ def main() -> None:
     a = p.parse_args()
     out = []
     for rows, dim, pooling in [(100_000, 64, 1), (100_000, 64, 20), (1_000_000, 128, 20)]:
-        f, t = step_time(rows, dim, pooling, True), step_time(rows, dim, pooling, False)
+        f, t = step_times(rows, dim, pooling)
         out.append({"rows": rows, "dim": dim, "pooling": pooling, "fused_ms": 1e3 * f,
                     "torch_ms": 1e3 * t, "speedup": t / f})
     if a.json:

@@ -81,7 +81,7 @@ def _update_row(kind, p, acc, w, state, lr, eps, weight_decay):
             w[p, d] -= lr * g / (np.sqrt(st) + eps)
 
 
-#: bits per pass of the contribution sort (a 2048-entry histogram stays in L1)
+#: most bits per pass of the contribution sort (a 2048-entry histogram stays in L1)
 RADIX_BITS = 11
 
 
@@ -92,28 +92,29 @@ def sort_contributions(pos, src, scale, key_bits, keys):
     Returns a view of ``keys`` (int64 scratch, at least 2 * len(pos)) holding
     ``pos[i] << 32 | payload`` in ascending position order, where payload is ``src[i]`` when
     ``scale`` is empty and ``i`` otherwise. Requires 0 <= pos[i] < 2**key_bits <= 2**31 and
-    payloads in [0, 2**32). LSD radix sort, RADIX_BITS per pass: one pass builds every
-    histogram, then one scatter pass per digit.
+    payloads in [0, 2**32). LSD radix sort, at most RADIX_BITS per pass (digits balanced):
+    one pass builds every histogram, then one scatter pass per digit.
     """
     n = pos.shape[0]
     a = keys[:n]
     b = keys[n:2 * n]
     scaled = scale.shape[0] > 0
     passes = max(1, (key_bits + RADIX_BITS - 1) // RADIX_BITS)
-    mask = (1 << RADIX_BITS) - 1
-    hist = np.zeros((passes, 1 << RADIX_BITS), dtype=np.int64)
+    digit = (key_bits + passes - 1) // passes  # balanced: 17 bits sort as 9 + 8
+    mask = (1 << digit) - 1
+    hist = np.zeros((passes, 1 << digit), dtype=np.int64)
     for i in range(n):
         p = np.int64(pos[i])
         a[i] = (p << 32) | (np.int64(i) if scaled else np.int64(src[i]))
         for q in range(passes):
-            hist[q, (p >> (q * RADIX_BITS)) & mask] += 1
+            hist[q, (p >> (q * digit)) & mask] += 1
     for q in range(passes):
         t = 0
-        for c in range(1 << RADIX_BITS):
+        for c in range(1 << digit):
             h = hist[q, c]
             hist[q, c] = t
             t += h
-        shift = 32 + q * RADIX_BITS
+        shift = 32 + q * digit
         for i in range(n):
             x = a[i]
             c = (x >> shift) & mask
