@@ -101,3 +101,31 @@ def test_service_client_reads_a_fitting_table_by_id(tmp_path):
         assert torch.equal(got, full_table(ref, "t"))
         want = ref.pooled("t", ids[:400], torch.arange(0, 400, 8))
         torch.testing.assert_close(pooled, want, rtol=0, atol=1e-6)
+
+
+def test_writer_pin_on_a_whole_table_holds_off_its_retirement(tmp_path):
+    """A whole table's writer pins one sentinel slot, not every row: a re-plan that replaces
+    the slab must still wait for it (else an update could land in a retired slab)."""
+    import threading
+    import time
+    svc = Service(tmp_path / "svc", ddr_bytes="8MiB").start()
+    try:
+        with svc.connect() as a, svc.connect() as b:
+            a.create_table(_spec("w", rows=60_000))
+            a.apply_gradients("w", torch.arange(10), torch.ones(10, DIM))
+            table = a._tables["w"]
+            assert table.full_table
+            table._pin(np.arange(5, dtype=np.int64))  # as in the middle of an update
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: (b.create_table(_spec("x", rows=60_000)),
+                                                      done.set()))
+            worker.start()
+            time.sleep(1.0)
+            assert not done.is_set(), "the slab was retired under a pinned writer"
+            table.end_op()  # the update is done: its pin goes
+            worker.join(20)
+            assert done.is_set()
+            assert a.stats()["tables"]["w"]["capacity_rows"] < 60_000
+            a.apply_gradients("w", torch.arange(10), torch.ones(10, DIM))  # re-attaches
+    finally:
+        assert svc.stop() == 0

@@ -110,7 +110,12 @@ class AttachedTable(SlabWriter):
         out = np.zeros(len(ids), dtype=np.int32)
         if self.index is None:
             return pins.SOME_MISSING, out
-        st = pins.pin_positions(ids, self.index, self.pins, np.uint32(self.seq), self.ctrl, out)
+        if self.full_table:
+            st = pins.pin_whole_table(ids, self.spec.num_rows, self.pins, np.uint32(self.seq),
+                                      self.ctrl, out)
+        else:
+            st = pins.pin_positions(ids, self.index, self.pins, np.uint32(self.seq), self.ctrl,
+                                    out)
         if st == pins.STALE:
             raise Stale(self.name)
         if st == pins.RETRY:

@@ -39,6 +39,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from tierstore.optim import kernels
+from tierstore.tiers.index import IN_RANGE, identity_positions
 
 _JIT = dict(nogil=True, cache=True)
 
@@ -97,6 +98,22 @@ def pin_positions(ids, index, pins, seq, ctrl, out):
     if ctrl[GEN] != g0 or (g0 & 1) != 0:
         return RETRY
     return status
+
+
+@numba.njit(**_JIT)
+def pin_whole_table(ids, num_rows, pins, seq, ctrl, out):
+    """Client side of :func:`pin_positions` for a whole table (row r in slot r, never
+    evicted): out[i] = ids[i] + 1 with no index read, and one pin on position 1 (always
+    occupied) instead of one per row. Nothing is evicted from such a slab, so the pin only has
+    to hold off its retirement, which waits for every pin (and the client sees RETIRED).
+    Returns ALL_RESIDENT, OUT_OF_RANGE or STALE."""
+    if identity_positions(ids, num_rows, out) != IN_RANGE:
+        return OUT_OF_RANGE
+    pins[1] = seq
+    _fence()
+    if ctrl[RETIRED] != 0:
+        return STALE
+    return ALL_RESIDENT
 
 
 @numba.njit(**_JIT)
