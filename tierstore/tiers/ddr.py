@@ -463,22 +463,26 @@ class SlabWriter:
 
     def _init_scratch(self) -> None:
         self._mark = np.full(self.weights.shape[0], -1, dtype=np.int64)
-        self._acc = np.empty((0, self.spec.dim), dtype=np.float32)
-        self._upos = np.empty(0, dtype=np.int64)
+        #: the fused kernel's sort buffers (two int64 per contribution), reused between calls
+        self._keys = np.empty(0, dtype=np.int64)
         #: True: fused numba kernels on float32 tables; False: the plain torch path.
         self.fused = True
 
     def _apply_resident(self, pos, src, scale, g) -> None:
+        """The optimizer on resident slab rows: contribution i is ``scale[i] * g[src[i]]``
+        (scale empty: 1) to position ``pos[i]``; duplicates summed first, rows flagged dirty and
+        modified after their update. Fused numba kernel for float32 slabs (its packed sort
+        keys need positions below 2**31 and fewer than 2**32 contributions), torch otherwise."""
         kind = _KERNEL_KIND.get(type(self.spec.optimizer))
-        if not self.fused or kind is None or self.weights.dtype != np.float32:
+        if (not self.fused or kind is None or self.weights.dtype != np.float32
+                or len(self.weights) > 2**31 or max(len(pos), len(g)) >= 2**32):
             self._apply_resident_torch(pos, src, scale, g)
             return
         opt = self.spec.optimizer
-        acc, upos = self._scratch(len(pos))
         kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
                            self.modified,
                            opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._mark, acc, upos)
+                           self._scratch(len(pos)))
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
         """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
@@ -486,13 +490,12 @@ class SlabWriter:
         u = kernels.distinct_positions(pos, self._mark, out)
         return out[:u] - 1
 
-    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Kernel buffers for n contributions, grown geometrically and reused."""
-        if len(self._upos) < n:
-            size = max(n, 2 * len(self._upos))
-            self._acc = np.empty((size, self.spec.dim), dtype=np.float32)
-            self._upos = np.empty(size, dtype=np.int64)
-        return self._acc, self._upos
+    def _scratch(self, n: int) -> np.ndarray:
+        """The fused kernel's sort buffer for n contributions (int64[>= 2n]), grown
+        geometrically and reused."""
+        if len(self._keys) < 2 * n:
+            self._keys = np.empty(max(2 * n, 2 * len(self._keys)), dtype=np.int64)
+        return self._keys
 
     def _apply_resident_torch(self, pos, src, scale, g) -> None:
         """The same update with plain torch ops (sort-based dedupe, index_add, gather/scatter);
@@ -586,7 +589,6 @@ class DDRCache(SlabWriter):
                 self.resident += len(rows)
             else:
                 self._admit_rows(rows, pos)
-
 
     # -- residency -------------------------------------------------------------------------
     def end_op(self) -> None:
