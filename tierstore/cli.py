@@ -265,7 +265,10 @@ def cmd_bench_ckpt(a: argparse.Namespace) -> int:
                         policies=tuple(a.policies), bits=tuple(a.bits), quant_kind=a.quant,
                         quality_steps=a.quality_steps, quality_bits=tuple(a.quality_bits),
                         recon_rows=a.recon_rows, dram_fraction=a.dram_fraction,
-                        only=tuple(a.only), workdir=a.workdir, progress=not a.json)
+                        only=tuple(a.only), workdir=a.workdir, progress=not a.json,
+                        quality_data=a.quality_data or bench.QUALITY_DATA,
+                        quality_batch=a.quality_batch,
+                        quality_eval_samples=a.quality_eval_samples)
     except ValueError as e:
         raise SystemExit(f"tierstore bench ckpt: {e}") from None
     _emit(res, a.json, bench.table(res))
@@ -328,8 +331,15 @@ def _add_ckpt_parsers(sub: Any, bench: Any) -> None:
     c.add_argument("--bits", type=_ints, default=[32, 16, 8, 4, 2])
     c.add_argument("--quant", choices=["uniform", "adaptive", "kmeans"], default="adaptive")
     c.add_argument("--quality-steps", type=int, default=1000,
-                   help="steps of the planted-target job (restored at the midpoint)")
+                   help="steps of the DLRM job of `tierstore train` (restored at the midpoint "
+                        "from a checkpoint of each --quality-bits)")
     c.add_argument("--quality-bits", type=_ints, default=[32, 8, 4])
+    c.add_argument("--quality-data", default=None,
+                   help="the DLRM job's data, as `tierstore train --data` "
+                        "(default synthetic:criteo_kaggle,scale=0.01)")
+    c.add_argument("--quality-batch", type=int, default=512, help="the DLRM job's batch size")
+    c.add_argument("--quality-eval-samples", type=int, default=32_768,
+                   help="held-out samples of the final evaluation loss")
     c.add_argument("--recon-rows", type=int, default=200_000)
     c.add_argument("--dram-fraction", type=float, default=1.0)
     c.add_argument("--only", type=_words, default=["bytes", "quality"],
