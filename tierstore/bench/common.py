@@ -25,6 +25,20 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 15, warmup: int =
     return statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[int], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each ``fn(i)`` (i: step number), one call of each per round, the
+    order rotating every round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for k in range(len(names)):
+            n = names[(r + k) % len(names)]
+            t = time.perf_counter()
+            fns[n](r)
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def environment() -> dict[str, object]:
     return {
         "python": platform.python_version(),

@@ -7,6 +7,9 @@ train:  pooled forward + backward + row-wise Adagrad (FBGEMM EXACT_ROWWISE_ADAGR
         with every row in DRAM, and tierstore again with DRAM holding ``--dram-fraction`` of each
         table (rest on SCM, page cache warm).
 Times are medians per step (all tables of one batch), steps cycling over ``n_batches`` batches.
+lookup holds the three at once and interleaves their steps (one of each per round); train runs
+them one after another (holding all three with optimizer state does not fit 8 x 1M x 128 in
+this machine's memory).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 import tierstore as ts
-from tierstore.bench.common import fbgemm_available, median_seconds
+from tierstore.bench.common import fbgemm_available, interleaved, median_seconds
 from tierstore.bench.workload import Batch, make_batches
 
 CONFIGS = [  # (tables, rows per table)
@@ -72,6 +75,9 @@ def bench_config(T: int, rows: int, dim: int, pooling: int, dist: str, batch_siz
     grad = torch.randn(batch_size, dim)
     res: dict[str, Any] = {"tables": T, "rows": rows, "dim": dim, "pooling": pooling,
                            "dist": dist, "batch": batch_size}
+    if not train:
+        res.update(_lookup_interleaved(T, rows, dim, batches, repeats))
+        return res
     with tempfile.TemporaryDirectory(prefix="tierstore-bench-") as d:
         fractions = [1.0] + ([dram_fraction] if train and dram_fraction < 1.0 else [])
         for frac in fractions:
@@ -100,6 +106,43 @@ def bench_config(T: int, rows: int, dim: int, pooling: int, dist: str, batch_siz
     if fbgemm_available():
         res.update(_fbgemm_baseline(T, rows, dim, batches, grad, train, repeats))
     return res
+
+
+def _lookup_interleaved(T: int, rows: int, dim: int, batches: list[Batch],
+                        repeats: int) -> dict[str, float]:
+    """Forward only: tierstore (every row in DRAM), nn.EmbeddingBag and FBGEMM's TBE (when
+    installed) held at once and timed one step of each per round, so load from other processes
+    hits all alike (medians of seconds per step)."""
+    with tempfile.TemporaryDirectory(prefix="tierstore-bench-") as d:
+        store = _tierstore(f"{d}/s", T, rows, dim, 1.0, "adaptive")
+        bags = [torch.nn.EmbeddingBag(rows, dim, mode="sum") for _ in range(T)]
+        fns: dict[str, Callable[[int], object]] = {}
+
+        def ts_step(i: int) -> None:
+            b = batches[i % len(batches)]
+            for t in range(T):
+                store.pooled(f"t{t}", b.indices[t], b.offsets[t], include_last_offset=True)
+
+        def eb_step(i: int) -> None:
+            b = batches[i % len(batches)]
+            with torch.no_grad():
+                for t in range(T):
+                    bags[t](b.indices[t], b.torch_offsets[t])
+        fns = {"tierstore": ts_step, "torch_embeddingbag": eb_step}
+        if fbgemm_available():
+            tbe = _fbgemm(T, rows, dim)
+            inputs = [_fbgemm_input(b) for b in batches]
+
+            def fb_step(i: int) -> None:
+                with torch.no_grad():
+                    tbe(*inputs[i % len(inputs)])
+            fns["fbgemm_tbe"] = fb_step
+        for i in range(len(batches)):  # warm: page in every table, compile
+            for fn in fns.values():
+                fn(i)
+        out = interleaved(fns, repeats)
+        store.close()
+    return out
 
 
 def _torch_baseline(T, rows, dim, batches, grad, train, n_batches, repeats) -> dict[str, float]:

@@ -50,6 +50,7 @@ import torch
 
 import tierstore as ts
 from tierstore.daemon.launch import ServiceProcess
+from tierstore.bench.common import interleaved
 from tierstore.bench.workload import Batch, make_batches
 
 PARTS = ("forward", "train", "two", "scm", "idle")
@@ -91,20 +92,6 @@ def train_step(api: Any, names: list[str], b: Batch, grad: torch.Tensor) -> None
 def forward_step(api: Any, names: list[str], b: Batch) -> None:
     for t, name in enumerate(names):
         api.pooled(name, b.indices[t], b.offsets[t], include_last_offset=True)
-
-
-def interleaved(fns: dict[str, Callable[[int], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each ``fn(i)`` (i: step number), one call of each per round, the
-    order rotating every round."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for k in range(len(names)):
-            n = names[(r + k) % len(names)]
-            t = time.perf_counter()
-            fns[n](r)
-            times[n].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def _hits_lookups(conn: Any) -> tuple[int, int]:
