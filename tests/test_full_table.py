@@ -129,3 +129,27 @@ def test_writer_pin_on_a_whole_table_holds_off_its_retirement(tmp_path):
             a.apply_gradients("w", torch.arange(10), torch.ones(10, DIM))  # re-attaches
     finally:
         assert svc.stop() == 0
+
+
+def test_a_fitting_table_over_the_preload_limit_fills_its_identity_slots_lazily(tmp_path,
+                                                                               monkeypatch):
+    """Above PRELOAD_MAX_BYTES a table that fits is not loaded at open (it would cost ~1 s/GB):
+    rows enter slot = row id on first use, the index serves the fast path, values are exact."""
+    from tierstore.tiers import ddr
+    monkeypatch.setattr(ddr, "PRELOAD_MAX_BYTES", ROWS * 8)
+    with ts.Store(tmp_path / "lazy", ddr_bytes=1 << 26) as lazy, \
+            ts.Store(tmp_path / "whole", ddr_bytes=1 << 26 + 1) as whole:
+        lazy.create_table(_spec())
+        cache = lazy._entry("t").cache
+        assert not cache.full_table and lazy.stats()["tables"]["t"]["rows_in_dram"] == 0
+        ids = torch.tensor([5, 2999, 17, 5])
+        got = lazy.lookup("t", ids)
+        assert lazy.stats()["tables"]["t"]["rows_in_dram"] == 3
+        assert [cache.row_of_pos[r + 1] for r in (5, 17, 2999)] == [5, 17, 2999]
+        monkeypatch.setattr(ddr, "PRELOAD_MAX_BYTES", 1 << 40)
+        whole.create_table(_spec())
+        assert whole._entry("t").cache.full_table
+        assert torch.equal(got, whole.lookup("t", ids))
+        _train(lazy, np.random.default_rng(4))
+        _train(whole, np.random.default_rng(4))
+        assert torch.equal(full_table(lazy, "t"), full_table(whole, "t"))

@@ -38,6 +38,12 @@ from tierstore.tiers.index import IN_RANGE, DenseIndex, HashIndex, identity_posi
 from tierstore.tiers.marks import RowMarks
 
 _EMPTY = np.empty(0, dtype=np.int64)
+#: a table that fits in DRAM is loaded whole (row r in slot r) at open if its rows take at most
+#: this many bytes of slab (loading runs at about 1 GB/s); a larger one fills its identity slots
+#: as rows are first used, and the fast path reads the index
+PRELOAD_MAX_BYTES = 4 << 30
+#: whole-table loads at least this large show a progress bar (on a terminal)
+PRELOAD_BAR_BYTES = 1 << 30
 _KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
                 Adagrad: kernels.ADAGRAD}
 
@@ -568,7 +574,8 @@ class DDRCache(SlabWriter):
         self._bypass_read: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         #: the whole (dense) table fits: every row is loaded now, row r in slot r, and never
         #: evicted, so a batch's positions are its ids + 1 (no index read on the fast path)
-        self.full_table = spec.id_space == "dense" and self.capacity >= spec.num_rows
+        self.full_table = (spec.id_space == "dense" and self.capacity >= spec.num_rows
+                           and spec.num_rows * self.layout.payload_bytes <= PRELOAD_MAX_BYTES)
         if self.full_table:
             self._preload()
         pins.fence()  # load the compiled fence now, not inside a checkpoint's stall (~3 ms)
@@ -576,20 +583,20 @@ class DDRCache(SlabWriter):
     def _preload(self, chunk: int = 1 << 16) -> None:
         """Load every row of the table into slot = row id (SCM values, or initial values for
         rows never written). Not counted as lookups."""
+        from tqdm import tqdm
         fresh = self.backing.rows_written() == 0
-        for lo in range(0, self.spec.num_rows, chunk):
+        big = self.spec.num_rows * self.layout.payload_bytes >= PRELOAD_BAR_BYTES
+        for lo in tqdm(range(0, self.spec.num_rows, chunk), unit="chunk", leave=False,
+                       desc=f"loading table {self.spec.name!r} into DRAM",
+                       disable=None if big else True):
             rows = np.arange(lo, min(lo + chunk, self.spec.num_rows), dtype=np.int64)
-            pos = rows + 1
             if fresh:  # nothing on SCM yet: skip reading a file of zeros
-                self.weights[pos] = initial_rows(self.spec.init, self.spec.seed, rows,
-                                                 self.spec.dim, self.layout.np_dtype)
-                self.state[pos] = 0.0
-                self.row_of_pos[pos] = rows
-                self.dirty[pos] = 0
-                self.index.put(rows, pos)
-                self.resident += len(rows)
+                w = initial_rows(self.spec.init, self.spec.seed, rows, self.spec.dim,
+                                 self.layout.np_dtype)
+                self._install(rows, rows + 1, w, np.zeros((len(rows), self.layout.state_dim),
+                                                          dtype=np.float32))
             else:
-                self._admit_rows(rows, pos)
+                self._install(rows, rows + 1, *self.backing.read(rows))
 
     # -- residency -------------------------------------------------------------------------
     def end_op(self) -> None:
@@ -672,13 +679,17 @@ class DDRCache(SlabWriter):
         occupied = old >= 0
         if occupied.any():
             self._evict(pos[occupied], old[occupied])
-        w, s = self.backing.read(rows)
+            self.resident -= int(occupied.sum())
+        self._install(rows, pos, *self.backing.read(rows))
+
+    def _install(self, rows: np.ndarray, pos: np.ndarray, w: np.ndarray, s: np.ndarray) -> None:
+        """Put ``rows`` (clean) with weights ``w`` and state ``s`` into the free slots ``pos``."""
         self.weights[pos] = w
         self.state[pos] = s
         self.row_of_pos[pos] = rows
         self.dirty[pos] = 0
         self.index.put(rows, pos)
-        self.resident += len(rows) - int(occupied.sum())
+        self.resident += len(rows)
 
     def _evict(self, pos: np.ndarray, rows: np.ndarray) -> None:
         dirty = self.dirty[pos] != 0
