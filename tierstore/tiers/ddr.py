@@ -534,8 +534,10 @@ class DDRCache(SlabWriter):
         id_type = np.dtype(np.int32 if spec.id_space == "dense" and spec.num_rows < 2**31
                            else np.int64)
         self._segments = [
-            shm.create(f"{shm_prefix}.w", (cap1, spec.dim), self.layout.np_dtype, unlink=unlink),
-            shm.create(f"{shm_prefix}.s", (cap1, self.layout.state_dim), np.float32, unlink=unlink),
+            shm.create(f"{shm_prefix}.w", (cap1, spec.dim), self.layout.np_dtype, unlink=unlink,
+                       huge=True),
+            shm.create(f"{shm_prefix}.s", (cap1, self.layout.state_dim), np.float32, unlink=unlink,
+                       huge=True),
             shm.create(f"{shm_prefix}.meta", (cap1, id_type.itemsize + 2), np.uint8,
                        unlink=unlink),
             shm.create(f"{shm_prefix}.ctrl", (pins.CTRL_WORDS,), np.int64, unlink=unlink),

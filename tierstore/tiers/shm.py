@@ -44,14 +44,25 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def create(name: str, shape: tuple[int, ...], dtype: np.dtype, *, unlink: bool) -> Segment:
+def create(name: str, shape: tuple[int, ...], dtype: np.dtype, *, unlink: bool,
+           huge: bool = False) -> Segment:
     """Create a zero-filled segment of ``shape``/``dtype`` (mode 0600, fails if it exists).
 
     unlink=True removes the name at once (the mapping stays valid): nothing leaks if the process
-    dies. The daemon passes False so clients can attach by name.
+    dies. The daemon passes False so clients can attach by name. huge=True with unlink=True
+    (memory no other process maps): private anonymous memory advised for transparent huge
+    pages instead, which shared memory does not get on most hosts (shmem THP is off by default);
+    random row updates then miss the TLB far less (measured ~1.3 ms of 4.3 ms per 1M-row table
+    update). Only for arrays that fill densely: a huge page commits 2 MiB at its first write.
     """
     dtype = np.dtype(dtype)
     nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+    if unlink and huge:
+        mm = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        arr = np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        return Segment(name, arr, mm)
     fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, nbytes)
