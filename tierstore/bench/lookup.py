@@ -7,9 +7,9 @@ train:  pooled forward + backward + row-wise Adagrad (FBGEMM EXACT_ROWWISE_ADAGR
         with every row in DRAM, and tierstore again with DRAM holding ``--dram-fraction`` of each
         table (rest on SCM, page cache warm).
 Times are medians per step (all tables of one batch), steps cycling over ``n_batches`` batches.
-lookup holds the three at once and interleaves their steps (one of each per round); train runs
-them one after another (holding all three with optimizer state does not fit 8 x 1M x 128 in
-this machine's memory).
+tierstore and FBGEMM are held at once and their steps interleaved (one of each per round), with
+nn.EmbeddingBag too for lookup; train times torch (3-12x slower; holding it too with its Adagrad
+state does not fit 8 x 1M x 128 in this machine's memory) and the DRAM-fraction store after.
 """
 
 from __future__ import annotations
@@ -79,33 +79,69 @@ def bench_config(T: int, rows: int, dim: int, pooling: int, dist: str, batch_siz
         res.update(_lookup_interleaved(T, rows, dim, batches, repeats))
         return res
     with tempfile.TemporaryDirectory(prefix="tierstore-bench-") as d:
-        fractions = [1.0] + ([dram_fraction] if train and dram_fraction < 1.0 else [])
-        for frac in fractions:
-            store = _tierstore(f"{d}/s{frac}", T, rows, dim, frac, policy)
-            nxt = _cycle(batches)
-
-            def ts_step() -> None:
-                b = nxt()
-                for t in range(T):
-                    store.pooled(f"t{t}", b.indices[t], b.offsets[t], include_last_offset=True)
-                    if train:
-                        store.apply_pooled_gradients(f"t{t}", b.indices[t], b.offsets[t], grad,
-                                                     include_last_offset=True)
-            for _ in range(n_batches):  # warm: admit the rows, page cache, numba
-                ts_step()
-            key = "tierstore" if frac == 1.0 else f"tierstore_dram_{frac:g}"
-            res[key] = median_seconds(ts_step, repeats=repeats, warmup=0)
-            if frac < 1.0:
-                st = store.stats()["tables"]
-                res[key + "_hit_rate"] = (sum(s["hits"] for s in st.values())
-                                          / sum(s["lookups"] for s in st.values()))
-            store.close()
-            del store
-            gc.collect()
+        res.update(_train_vs_fbgemm(f"{d}/all", T, rows, dim, batches, grad, policy, repeats))
+        if dram_fraction < 1.0:
+            res.update(_train_fraction(f"{d}/part", T, rows, dim, batches, grad, dram_fraction,
+                                       policy, repeats))
     res.update(_torch_baseline(T, rows, dim, batches, grad, train, n_batches, repeats))
-    if fbgemm_available():
-        res.update(_fbgemm_baseline(T, rows, dim, batches, grad, train, repeats))
     return res
+
+
+def _train_step(store: ts.Store, T: int, batches: list[Batch],
+                grad: torch.Tensor) -> Callable[[int], None]:
+    """Step i: forward + fused backward of batch i (cycling) over every table."""
+    def step(i: int) -> None:
+        b = batches[i % len(batches)]
+        for t in range(T):
+            store.pooled(f"t{t}", b.indices[t], b.offsets[t], include_last_offset=True)
+            store.apply_pooled_gradients(f"t{t}", b.indices[t], b.offsets[t], grad,
+                                         include_last_offset=True)
+    return step
+
+
+def _train_vs_fbgemm(path: str, T: int, rows: int, dim: int, batches: list[Batch],
+                     grad: torch.Tensor, policy: str, repeats: int) -> dict[str, float]:
+    """Training steps of tierstore (every row in DRAM) and FBGEMM's TBE (when installed), held
+    at once and interleaved (one step of each per round; medians of seconds per step)."""
+    store = _tierstore(path, T, rows, dim, 1.0, policy)
+    fns: dict[str, Callable[[int], object]] = {"tierstore": _train_step(store, T, batches, grad)}
+    if fbgemm_available():
+        tbe = _fbgemm(T, rows, dim)
+        inputs = [_fbgemm_input(b) for b in batches]
+        g = grad.repeat(1, T)
+
+        def fb_step(i: int) -> None:
+            tbe(*inputs[i % len(inputs)]).backward(g)
+        fns["fbgemm_tbe"] = fb_step
+    for i in range(len(batches)):  # warm: load the rows, page in the tables, compile
+        for fn in fns.values():
+            fn(i)
+    out = interleaved(fns, repeats)
+    store.close()
+    del store, fns
+    gc.collect()
+    return out
+
+
+def _train_fraction(path: str, T: int, rows: int, dim: int, batches: list[Batch],
+                    grad: torch.Tensor, fraction: float, policy: str,
+                    repeats: int) -> dict[str, float]:
+    """Training steps of tierstore with DRAM for ``fraction`` of each table (rest on SCM, page
+    cache warm after one pass over the batches), and the hit rate over the timed steps."""
+    store = _tierstore(path, T, rows, dim, fraction, policy)
+    step = _train_step(store, T, batches, grad)
+    for i in range(len(batches)):
+        step(i)
+    before = store.stats()["tables"]
+    key = f"tierstore_dram_{fraction:g}"
+    out = {key: interleaved({key: step}, repeats)[key]}
+    st = store.stats()["tables"]
+    out[key + "_hit_rate"] = (sum(st[n]["hits"] - before[n]["hits"] for n in st)
+                              / sum(st[n]["lookups"] - before[n]["lookups"] for n in st))
+    store.close()
+    del store
+    gc.collect()
+    return out
 
 
 def _lookup_interleaved(T: int, rows: int, dim: int, batches: list[Batch],
@@ -164,25 +200,6 @@ def _torch_baseline(T, rows, dim, batches, grad, train, n_batches, repeats) -> d
     out = {"torch_embeddingbag": median_seconds(step, repeats=repeats if not train else
                                                 max(3, repeats // 3), warmup=1)}
     del bags, opt
-    gc.collect()
-    return out
-
-
-def _fbgemm_baseline(T, rows, dim, batches, grad, train, repeats) -> dict[str, float]:
-    tbe = _fbgemm(T, rows, dim)
-    inputs = [_fbgemm_input(b) for b in batches]
-    nxt = _cycle(inputs)
-    g = grad.repeat(1, T)
-
-    def step() -> None:
-        idx, off = nxt()
-        if train:
-            tbe(idx, off).backward(g)
-        else:
-            with torch.no_grad():
-                tbe(idx, off)
-    out = {"fbgemm_tbe": median_seconds(step, repeats=repeats, warmup=2)}
-    del tbe
     gc.collect()
     return out
 
