@@ -63,29 +63,6 @@ def clear_slots(slot_flags, pos, row_of_pos_of, row_flags):
 
 
 @numba.njit(**_JIT)
-def all_flagged(flags, ids):
-    """True if every ``flags[ids[i]]`` is set (stops at the first that is not)."""
-    for i in range(ids.shape[0]):
-        if flags[ids[i]] == 0:
-            return False
-    return True
-
-
-@numba.njit(**_JIT)
-def take_unflagged(flags, ids, out):
-    """The distinct ``ids`` whose flag is clear, in first-occurrence order, into ``out``
-    (len >= len(ids)); sets their flags. Returns how many."""
-    n = 0
-    for i in range(ids.shape[0]):
-        r = ids[i]
-        if flags[r] == 0:
-            flags[r] = 1
-            out[n] = r
-            n += 1
-    return n
-
-
-@numba.njit(**_JIT)
 def mark_unflagged(pending, rows, done):
     """``pending[r] = 1`` for each row r of ``rows`` whose ``done[r]`` is clear. Returns how
     many (rows distinct)."""

@@ -318,23 +318,25 @@ def strictly_increasing(rows):
 
 
 @numba.njit(**_JIT)
-def any_flagged(flags, ids):
-    """True if some ``flags[ids[i]]`` is non-zero (stops at the first)."""
+def any_flagged(flags, ids, flagged=True):
+    """True if some ``flags[ids[i]]`` is set (``flagged``) or clear (not ``flagged``); stops
+    at the first."""
     for i in range(ids.shape[0]):
-        if flags[ids[i]]:
+        if (flags[ids[i]] != 0) == flagged:
             return True
     return False
 
 
 @numba.njit(**_JIT)
-def take_flagged(flags, ids, out):
-    """The distinct ``ids`` whose flag is set, in first-occurrence order, into ``out``
-    (len >= len(ids)); clears their flags. Returns how many."""
+def take_flagged(flags, ids, out, flagged=True):
+    """The distinct ``ids`` whose flag is set (``flagged``) or clear (not ``flagged``), in
+    first-occurrence order, into ``out`` (len >= len(ids)); flips their flags (clears, or
+    sets to 1). Returns how many."""
     n = 0
     for i in range(ids.shape[0]):
         r = ids[i]
-        if flags[r]:
-            flags[r] = 0
+        if (flags[r] != 0) == flagged:
+            flags[r] = 0 if flagged else 1
             out[n] = r
             n += 1
     return n

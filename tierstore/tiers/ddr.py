@@ -298,7 +298,7 @@ class CowSnapshot:
         """Open snapshot, lock held: copy the rows among ``ids`` not copied yet."""
         if self._copied is not None:
             out = np.empty(len(ids), dtype=np.int64)
-            rows = out[:ck.take_unflagged(self._copied, ids, out)]
+            rows = out[:kernels.take_flagged(self._copied, ids, out, False)]
         else:
             u = np.unique(ids)
             c = self._copied_ids
@@ -343,7 +343,7 @@ class CowSnapshot:
             return
         if self.rows is None:  # open: every row not copied yet is pending
             copied = self._copied
-            if copied is not None and ck.all_flagged(copied, ids):
+            if copied is not None and not kernels.any_flagged(copied, ids, False):
                 return
             with self.lock:
                 if self.cache is None:
@@ -608,7 +608,7 @@ class DDRCache(SlabWriter):
         """Slab rows (slot + 1) of ``ids`` (int64, in range); 0 where not resident. No side
         effects."""
         if self.full_table:
-            return ids.astype(np.int64) + 1
+            return ids.astype(np.int64, copy=False) + 1
         return self.index.get(ids)
 
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
