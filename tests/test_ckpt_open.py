@@ -186,6 +186,7 @@ def test_row_file_scan_reads_data_extents_only(tmp_path):
             rows = np.unique(rng.integers(0, spec.num_rows, n))
             rf.write(rows, rng.standard_normal((len(rows), 16)).astype(np.float32),
                      np.zeros((len(rows), 1), np.float32))
+            rf.wait()  # writes finish in the background; read the records after
             full = np.flatnonzero(rf.records[:, rf.layout.flag_offset])
             got = rf.written_rows()
             assert np.array_equal(got, full)

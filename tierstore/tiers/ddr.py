@@ -682,12 +682,20 @@ class DDRCache(SlabWriter):
         if occupied.any():
             self._evict(pos[occupied], old[occupied])
             self.resident -= int(occupied.sum())
-        self._install(rows, pos, *self.backing.read(rows))
+        read_into = getattr(self.backing, "read_into", None)
+        if read_into is None:
+            self._install(rows, pos, *self.backing.read(rows))
+            return
+        read_into(rows, self.weights, self.state, pos)  # straight into the slots
+        self._install(rows, pos, None, None)
 
-    def _install(self, rows: np.ndarray, pos: np.ndarray, w: np.ndarray, s: np.ndarray) -> None:
-        """Put ``rows`` (clean) with weights ``w`` and state ``s`` into the free slots ``pos``."""
-        self.weights[pos] = w
-        self.state[pos] = s
+    def _install(self, rows: np.ndarray, pos: np.ndarray, w: np.ndarray | None,
+                 s: np.ndarray | None) -> None:
+        """Put ``rows`` (clean) with weights ``w`` and state ``s`` (None: already in the slab)
+        into the free slots ``pos``."""
+        if w is not None:
+            self.weights[pos] = w
+            self.state[pos] = s
         self.row_of_pos[pos] = rows
         self.dirty[pos] = 0
         self.index.put(rows, pos)
@@ -697,7 +705,7 @@ class DDRCache(SlabWriter):
         dirty = self.dirty[pos] != 0
         if dirty.any():
             dp = pos[dirty]
-            self.backing.write(rows[dirty], self.weights[dp], self.state[dp])
+            self._write_back(rows[dirty], dp)
             self.counters["writebacks"] += len(dp)
         self._fold_modified(pos, rows)
         self.index.remove(rows)
@@ -786,9 +794,17 @@ class DDRCache(SlabWriter):
             # after its write, so the row goes out on the next flush (see tiers/pins.py).
             self.dirty[pos] = 0
             pins.fence()
-            self.backing.write(self.row_of_pos[pos], self.weights[pos], self.state[pos])
+            self._write_back(self.row_of_pos[pos], pos)
             self.counters["writebacks"] += len(pos)
         return len(pos)
+
+    def _write_back(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        """Write the slab rows ``pos`` (holding ``rows``) to SCM."""
+        write_slots = getattr(self.backing, "write_slots", None)
+        if write_slots is None:
+            self.backing.write(rows, self.weights[pos], self.state[pos])
+        else:
+            write_slots(rows, self.weights, self.state, pos)
 
     def take_modified(self) -> np.ndarray:
         """Sorted distinct rows modified since the last call (or since open); clears the

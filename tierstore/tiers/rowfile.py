@@ -8,9 +8,17 @@ the mapping: on this kind of machine that is the fastest way to read random rows
 
 Writes never tear a row, even if the process is killed mid-write: each batch is first appended
 to a journal (header + CRC32 + ids + records + the new written-row count) and then scattered
-into the mapping; at open, a journal whose CRC checks out is replayed (idempotent). Page cache
-is shared, so after the write returns the data survives SIGKILL; :meth:`RowFile.flush` also
-fsyncs for power loss.
+into the mapping; at open, a journal whose CRC checks out is replayed (idempotent).
+
+Writes are *write-behind*: :meth:`RowFile.write` packs the rows into a private buffer and
+returns; the journal append, the scatter (where the page faults of a file mapping are paid)
+and the disarm run on one background thread per process, overlapping the caller's next work
+(other tables, the next step). Every other method waits for the file's pending write first, so
+reads always see it. Page cache is shared, so once a write has completed (the next call on the
+file, or :meth:`RowFile.flush`) it survives SIGKILL; a process killed before that loses only
+rows of that write, which keep the last value they held on SCM. :meth:`RowFile.flush` also
+fsyncs for power loss. An error of a background write (say, a full disk) is raised by the next
+call on the file.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ import mmap
 import os
 import struct
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from tierstore.config import RowLayout, TableSpec
 from tierstore.errors import CorruptStore
+from tierstore.optim.kernels import PREFETCH_DISTANCE, _prefetch
 from tierstore.rowinit import initial_rows
 
 MAGIC = b"TSROWS01"
@@ -32,6 +43,72 @@ HEADER = 4096  # magic, record size, num rows, written-row count; padded to a pa
 _HDR = struct.Struct("<8sQQQ")
 _JHDR = struct.Struct("<8sQQI")  # magic, n rows, payload bytes, crc32(payload)
 JMAGIC = b"TSJRNL01"
+
+_writer: ThreadPoolExecutor | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """The process's row-file write thread (created on first use; not inherited by forks)."""
+    global _writer
+    if _writer is None:
+        _writer = ThreadPoolExecutor(1, thread_name_prefix="tierstore-rowfile")
+    return _writer
+
+
+def _forget_writer() -> None:
+    global _writer
+    _writer = None
+
+
+os.register_at_fork(after_in_child=_forget_writer)
+
+
+@numba.njit(nogil=True, cache=True)
+def _gather_into(records, rows, pos, soff, flag, w_out, s_out, fresh):  # pragma: no cover
+    """Copy records ``rows`` straight into slab rows ``pos`` (w_out, s_out: uint8 views of the
+    weights and state slabs); never-written records are skipped and their indices in ``rows``
+    listed in ``fresh``. Returns how many were listed."""
+    nf = 0
+    wb, sb = w_out.shape[1], s_out.shape[1]
+    n = rows.shape[0]
+    for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            _prefetch(records, (rows[i + PREFETCH_DISTANCE], 0))
+        src = records[rows[i]]
+        if src[flag] == 0 and src[flag + 1] == 0 and src[flag + 2] == 0 and src[flag + 3] == 0:
+            fresh[nf] = i
+            nf += 1
+            continue
+        p = pos[i]
+        for b in range(wb):
+            w_out[p, b] = src[b]
+        for b in range(sb):
+            s_out[p, b] = src[soff + b]
+    return nf
+
+
+@numba.njit(nogil=True, cache=True)
+def _pack_slots(w_in, s_in, pos, soff, flag, rec):  # pragma: no cover
+    """Records (written flag set, padding zero) of slab rows ``pos`` into ``rec`` (uint8
+    [len(pos), record_bytes]); w_in, s_in: uint8 views of the weights and state slabs."""
+    wb, sb = w_in.shape[1], s_in.shape[1]
+    for i in range(pos.shape[0]):
+        p = pos[i]
+        out = rec[i]
+        for b in range(wb):
+            out[b] = w_in[p, b]
+        for b in range(wb, soff):
+            out[b] = 0
+        for b in range(sb):
+            out[soff + b] = s_in[p, b]
+        out[flag] = 1
+        for b in range(flag + 1, out.shape[0]):
+            out[b] = 0
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous 2-d array as uint8 [rows, row bytes] (no copy)."""
+    return a.view(np.uint8).reshape(a.shape[0], -1)
 
 
 class RowFile:
@@ -57,7 +134,34 @@ class RowFile:
         #: bumped by every change of the file's rows: a copy read at generation g is current
         #: while generation == g (the DRAM tier reuses a batch's bypass reads in its backward)
         self.generation = 0
+        #: the write running on the background thread, if any (see the module docstring)
+        self._pending: Future | None = None
+        #: the rows of that write, sorted (reads of other rows need not wait for it)
+        self._pending_rows = np.empty(0, dtype=np.int64)
         self._replay_journal()
+
+    def wait(self) -> None:
+        """Block until this file's background write (if any) is complete; raises its error."""
+        job = self._pending
+        if job is not None:
+            self._pending = None
+            try:
+                job.result()
+            except BaseException:
+                (self.written,) = struct.unpack("<Q", self.mm[24:32])  # the last completed count
+                raise
+
+    def _wait_for(self, rows: np.ndarray) -> None:
+        """Wait for the pending write only if it is still running and holds one of ``rows``."""
+        job = self._pending
+        if job is None or job.done():
+            self.wait()
+            return
+        pend = self._pending_rows
+        k = np.searchsorted(pend, rows)
+        np.minimum(k, len(pend) - 1, out=k)
+        if (pend[k] == rows).any():
+            self.wait()
 
     def _check_header(self, size: int) -> None:
         magic, rec, rows, self.written = _HDR.unpack(os.pread(self.fd, _HDR.size, 0))
@@ -73,6 +177,7 @@ class RowFile:
 
         Rows never written come back as their deterministic initial value and zero state.
         """
+        self._wait_for(rows)
         rec = self.records[rows]
         w, s, written = self.layout.unpack(rec)
         if not written.all():
@@ -82,16 +187,59 @@ class RowFile:
             s[fresh] = 0.0
         return w, s
 
+    def read_into(self, rows: np.ndarray, weights: np.ndarray, state: np.ndarray,
+                  pos: np.ndarray) -> None:
+        """:meth:`read` straight into slab rows: ``weights[pos[i]]``, ``state[pos[i]]`` = row
+        ``rows[i]`` (int64 arrays; weights [m, dim] of the table dtype and state [m,
+        state_dim] float32, both C-contiguous). One pass, no intermediate copies."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        self._wait_for(rows)
+        fresh = np.empty(len(rows), dtype=np.int64)
+        nf = _gather_into(self.records, rows, pos, self.layout.state_offset,
+                          self.layout.flag_offset, _bytes(weights), _bytes(state), fresh)
+        if nf:
+            f = fresh[:nf]
+            weights[pos[f]] = initial_rows(self.spec.init, self.spec.seed, rows[f],
+                                           self.spec.dim, self.layout.np_dtype)
+            state[pos[f]] = 0.0
+
     # -- writes ----------------------------------------------------------------------------
     def write(self, rows: np.ndarray, w: np.ndarray, s: np.ndarray) -> None:
-        """Store rows (distinct int64 ids) atomically per row with respect to process death."""
+        """Store rows (distinct int64 ids) atomically per row with respect to process death.
+
+        Returns once ``w`` and ``s`` are copied; the file is written in the background (see
+        the module docstring)."""
         if len(rows) == 0:
             return
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        rec = self.layout.pack(w, s)
+        self._submit(rows, self.layout.pack(w, s))
+
+    def write_slots(self, rows: np.ndarray, weights: np.ndarray, state: np.ndarray,
+                    pos: np.ndarray) -> None:
+        """:meth:`write` of rows whose values are slab rows ``weights[pos]``, ``state[pos]``
+        (see :meth:`read_into`), packed in one pass."""
+        if len(rows) == 0:
+            return
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        rec = np.empty((len(pos), self.layout.record_bytes), dtype=np.uint8)
+        _pack_slots(_bytes(weights), _bytes(state), pos, self.layout.state_offset,
+                    self.layout.flag_offset, rec)
+        self._submit(rows, rec)
+
+    def _submit(self, rows: np.ndarray, rec: np.ndarray) -> None:
+        """Start the background write of records ``rec`` (private) to ``rows``."""
+        rows = np.array(rows, dtype=np.int64)  # a private copy: the caller may reuse its array
+        self.wait()  # (packing above overlapped the previous write)
         flag = self.layout.flag_offset
         newly = int((self.records[rows, flag] == 0).sum())
         count = self.written + newly
+        self.written = count
+        self.generation += 1
+        self._pending_rows = np.sort(rows)
+        self._pending = _background().submit(self._commit, rows, rec, count)
+
+    def _commit(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
+        """Journal, scatter and disarm one write (the background thread)."""
         # payload = ids, records, count: written from the arrays' own buffers (no joined copy)
         parts = (memoryview(rows).cast("B"), memoryview(rec).cast("B"), struct.pack("<Q", count))
         crc = 0
@@ -124,6 +272,9 @@ class RowFile:
         :meth:`write` (a row written meanwhile may or may not be reported), not against
         :meth:`clear` or :meth:`close`."""
         from tierstore.ckpt import kernels as ck
+        job = self._pending  # may run on another thread than the owner: wait, don't clear
+        if job is not None:
+            job.result()
         rec = self.layout.record_bytes
         flag = self.layout.flag_offset
         n_rows = self.spec.num_rows
@@ -162,6 +313,7 @@ class RowFile:
 
     def clear(self) -> None:
         """Every row back to never-written (the file becomes sparse zeros again)."""
+        self.wait()
         size = HEADER + self.spec.num_rows * self.layout.record_bytes
         os.pwrite(self.jfd, b"\0" * 8, 0)
         os.ftruncate(self.fd, HEADER)
@@ -172,9 +324,7 @@ class RowFile:
         self.mm.flush()
 
     def _apply(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
-        self.generation += 1
         self.records[rows] = rec
-        self.written = count
         self.mm[24:32] = struct.pack("<Q", count)  # header field "written"
 
     def _replay_journal(self) -> None:
@@ -194,10 +344,12 @@ class RowFile:
             .reshape(n, rec_bytes)
         (count,) = struct.unpack("<Q", payload[-8:])
         self._apply(rows, rec, count)
+        self.written = count
         os.pwrite(self.jfd, b"\0" * 8, 0)
 
     def flush(self) -> None:
         """Make every write so far durable against power loss (msync + fsync)."""
+        self.wait()
         self.mm.flush()
         os.fsync(self.fd)
 
@@ -207,13 +359,18 @@ class RowFile:
 
     def disk_bytes(self) -> int:
         """Bytes allocated on disk (the file is sparse)."""
+        self.wait()
         return os.fstat(self.fd).st_blocks * 512
 
     def close(self) -> None:
-        self.records = None  # type: ignore[assignment]
+        """Finish the pending write (raising its error, after closing) and close the file."""
         try:
-            self.mm.close()
-        except BufferError:
-            pass
-        os.close(self.fd)
-        os.close(self.jfd)
+            self.wait()
+        finally:
+            self.records = None  # type: ignore[assignment]
+            try:
+                self.mm.close()
+            except BufferError:
+                pass
+            os.close(self.fd)
+            os.close(self.jfd)

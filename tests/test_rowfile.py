@@ -1,0 +1,123 @@
+"""The SCM row file: slab-direct reads and writes, and write-behind (tierstore/tiers/rowfile.py)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import tierstore as ts
+from tierstore.rowinit import initial_rows
+from tierstore.tiers import rowfile
+from tierstore.tiers.rowfile import RowFile
+
+SPECS = [
+    ts.TableSpec("f32", 500, 8, optimizer=ts.RowWiseAdagrad(lr=0.1)),
+    ts.TableSpec("f16_odd", 500, 5, dtype="float16", optimizer=ts.Adagrad(lr=0.1)),
+    ts.TableSpec("sgd", 500, 3, optimizer=ts.SGD(lr=0.1), init="normal"),
+]
+
+
+def _values(spec, n, rng):
+    lay = spec.layout
+    w = rng.standard_normal((n, spec.dim)).astype(lay.np_dtype)
+    s = rng.random((n, lay.state_dim)).astype(np.float32)
+    return w, s
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_slab_direct_read_and_write_match_read_and_write(tmp_path, spec):
+    rng = np.random.default_rng(1)
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    lay = spec.layout
+    written = np.unique(rng.integers(0, spec.num_rows, 120))
+    w, s = _values(spec, len(written), rng)
+    rf.write(written, w, s)
+
+    # write_slots: values taken from slab rows, written to other rows
+    slab_w = np.zeros((40, spec.dim), lay.np_dtype)
+    slab_s = np.zeros((40, lay.state_dim), np.float32)
+    slab_w[1:], slab_s[1:] = _values(spec, 39, rng)
+    pos = rng.permutation(np.arange(1, 40))[:20]
+    others = np.setdiff1d(np.arange(spec.num_rows), written)[:20]
+    rf.write_slots(others, slab_w, slab_s, pos)
+    got_w, got_s = rf.read(others)
+    assert np.array_equal(got_w, slab_w[pos]) and np.array_equal(got_s, slab_s[pos])
+
+    # read_into: written rows, slot-written rows and never-written rows (initial values)
+    ask = np.concatenate([written[:30], others[:10], np.setdiff1d(
+        np.arange(spec.num_rows), np.concatenate([written, others]))[:15]])
+    want_w, want_s = rf.read(ask)
+    out_w = np.full((80, spec.dim), 7, lay.np_dtype)
+    out_s = np.full((80, lay.state_dim), 7, np.float32)
+    dest = rng.permutation(np.arange(1, 80))[:len(ask)]
+    rf.read_into(ask, out_w, out_s, dest)
+    assert np.array_equal(out_w[dest], want_w) and np.array_equal(out_s[dest], want_s)
+    untouched = np.setdiff1d(np.arange(80), dest)
+    assert (out_w[untouched] == 7).all() and (out_s[untouched] == 7).all()
+    assert rf.rows_written() == len(written) + len(others)
+    rf.close()
+
+    # and what was written is what a fresh open reads
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    got_w, _ = rf.read(written)
+    assert np.array_equal(got_w, w)
+    rf.close()
+
+
+def _hold_writer():
+    """Block the process's background write thread until the returned event is set."""
+    go, started = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        go.wait(10)
+    rowfile._background().submit(hold)
+    assert started.wait(5)
+    return go
+
+
+def test_write_behind_reads_wait_only_for_their_rows(tmp_path):
+    spec = SPECS[0]
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    rng = np.random.default_rng(2)
+    w, s = _values(spec, 3, rng)
+    rows = np.array([10, 20, 30])
+    go = _hold_writer()
+    try:
+        rf.write(rows, w, s)  # queued behind the held job: not in the file yet
+        assert not rf._pending.done()
+        # rows that are not being written are read at once, without waiting
+        other_w, _ = rf.read(np.array([11, 40]))
+        assert not rf._pending.done()
+        assert other_w.shape == (2, spec.dim)
+
+        # a row that is being written: the read waits for the write and sees it
+        result = {}
+        reader = threading.Thread(target=lambda: result.update(w=rf.read(np.array([20]))[0]))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive(), "the read did not wait for the pending write of its row"
+    finally:
+        go.set()
+    reader.join(5)
+    assert np.array_equal(result["w"], w[1:2])
+    rf.close()
+
+
+def test_background_write_error_comes_out_of_the_next_call(tmp_path):
+    spec = SPECS[0]
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    w, s = _values(spec, 2, np.random.default_rng(3))
+    rf.write(np.array([1, 2]), w, s)
+    rf.wait()
+    rf.jfd, good = -1, rf.jfd  # the journal append will fail (bad file descriptor)
+    rf.write(np.array([3, 4]), w, s)
+    with pytest.raises(OSError):
+        rf.read(np.array([3]))
+    rf.jfd = good
+    # the file is still usable and the failed rows kept their old (initial) values
+    fresh = initial_rows(spec.init, spec.seed, np.array([3, 4]), spec.dim, np.float32)
+    assert np.array_equal(rf.read(np.array([3, 4]))[0], fresh)
+    assert rf.rows_written() == 2
+    assert np.array_equal(rf.read(np.array([1, 2]))[0], w)
+    rf.close()
