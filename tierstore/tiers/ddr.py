@@ -573,7 +573,7 @@ class DDRCache(SlabWriter):
         self.cow: CowSnapshot | None = None
         #: the last bypass read (backing generation, rows sorted, order, weights, state): the
         #: backward of the same batch updates those rows on SCM and reuses it while current
-        self._bypass_read: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._bypass_read: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         #: the whole (dense) table fits: every row is loaded now, row r in slot r, and never
         #: evicted, so a batch's positions are its ids + 1 (no index read on the fast path)
         self.full_table = (spec.id_space == "dense" and self.capacity >= spec.num_rows
@@ -748,31 +748,53 @@ class DDRCache(SlabWriter):
             self._apply_resident(pos, src, scale, g)
 
     def _apply_on_scm(self, ids, src, scale, g) -> None:
-        rows, summed = _sum_contributions(ids, src, scale, g)
-        w, s = self._read_scm(rows)
-        wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
-        self.spec.optimizer.update(wt, st, summed)
-        self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
+        """The optimizer on rows that are not resident: read (or reuse the forward's read),
+        update, write back to SCM. float32 tables use the fused kernel on the read rows as a
+        small slab of their own, so these rows get exactly the resident rows' arithmetic."""
+        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
+        if not self.fused or kind is None or self.layout.np_dtype != np.float32:
+            rows, summed = _sum_contributions(ids, src, scale, g)
+            w, s = self._read_scm(rows)
+            wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
+            self.spec.optimizer.update(wt, st, summed)
+            self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
+            self.tracker.add(rows)
+            return
+        rows, at = self._rows.first_occurrence(ids)
+        w, s = self._read_scm(rows)  # fresh arrays, ours to update
+        w, s = np.ascontiguousarray(w), np.ascontiguousarray(s)
+        flags = np.zeros(len(rows), dtype=np.uint8)
+        opt = self.spec.optimizer
+        kernels.apply_rows(kind, at, src, scale, g, w, s, flags, flags, opt.lr,
+                           getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
+                           self._scratch(len(at)))
+        self.backing.write(rows, w, s)
         self.tracker.add(rows)
 
     def _read_bypass(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Read rows the policy did not admit, and remember the read for :meth:`_read_scm`
-        (the arrays are shared with the Bypass, which nobody writes)."""
+        (the arrays are shared with the Bypass, which only reads them)."""
         w, s = self.backing.read(rows)
         gen = getattr(self.backing, "generation", None)
         if gen is not None:
-            order = np.argsort(rows)
-            self._bypass_read = (gen, rows[order], order, w, s)
+            self._bypass_read = (gen, rows, w, s)
         return w, s
 
     def _read_scm(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Weights and state of non-resident ``rows`` as SCM holds them: from the last bypass
-        read where the row file has not changed since (a batch's backward after its forward),
-        the rest from the file."""
+        """Weights and state of non-resident ``rows`` (distinct) as SCM holds them, in arrays
+        the caller may update: from the last bypass read where the row file has not changed
+        since (a batch's backward after its forward), the rest from the file. When ``rows``
+        are exactly the bypass read's rows in its order (the usual backward), its arrays are
+        handed over as they are and forgotten here."""
         saved = self._bypass_read
         if saved is None or saved[0] != getattr(self.backing, "generation", None):
             return self.backing.read(rows)
-        _, srows, order, sw, ss = saved
+        _, brows, sw, ss = saved
+        if len(brows) == len(rows) and np.array_equal(brows, rows):
+            self._bypass_read = None
+            return sw, ss
+        order = np.argsort(brows)
+        srows = brows[order]
         k = np.minimum(np.searchsorted(srows, rows), len(srows) - 1)
         have = srows[k] == rows
         if have.all():
