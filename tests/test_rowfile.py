@@ -85,10 +85,10 @@ def test_write_behind_reads_wait_only_for_their_rows(tmp_path):
     go = _hold_writer()
     try:
         rf.write(rows, w, s)  # queued behind the held job: not in the file yet
-        assert not rf._pending.done()
+        assert not rf._pending[0].done()
         # rows that are not being written are read at once, without waiting
         other_w, _ = rf.read(np.array([11, 40]))
-        assert not rf._pending.done()
+        assert not rf._pending[0].done()
         assert other_w.shape == (2, spec.dim)
 
         # a row that is being written: the read waits for the write and sees it
