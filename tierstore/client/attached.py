@@ -23,7 +23,7 @@ from tierstore.optim import kernels
 from tierstore.tiers import pins, shm
 from tierstore.tiers.index import IN_RANGE, identity_positions
 from tierstore.tiers.marks import RowMarks
-from tierstore.tiers.ddr import Bypass, SlabWriter, _sum_contributions, bypass_map
+from tierstore.tiers.ddr import Bypass, SlabWriter, bypass_map, sum_at
 
 if TYPE_CHECKING:
     from tierstore.client.connection import Connection
@@ -194,7 +194,10 @@ class AttachedTable(SlabWriter):
         sc = np.empty(0, dtype=np.float32) if scale is None else scale
         away = pos == 0
         if away.any():  # the service first: a Stale reply must come before any local write
-            rows, summed = _sum_contributions(ids[away], src[away], sc[away] if len(sc) else sc, g)
+            # first-occurrence order: the order of the forward's bypass rows, which lets the
+            # service reuse its read of them without a search (DDRCache._read_scm)
+            rows, at = self._rows.first_occurrence(ids[away])
+            summed = sum_at(at, len(rows), src[away], sc[away] if len(sc) else sc, g)
             self.conn._apply(self, rows, summed.numpy())
             keep = ~away
             pos, src = pos[keep], src[keep]

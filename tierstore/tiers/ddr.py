@@ -51,11 +51,18 @@ _KERNEL_KIND = {SGD: kernels.SGD, RowWiseAdagrad: kernels.ROWWISE_ADAGRAD,
 def _sum_contributions(keys: np.ndarray, src: np.ndarray, scale: np.ndarray,
                       g: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     """(distinct keys, float32 [k, dim] sums of ``scale[i] * g[src[i]]`` per key)."""
+    u, inv = torch.unique(torch.from_numpy(keys), return_inverse=True)
+    return u.numpy(), sum_at(inv.numpy(), len(u), src, scale, g)
+
+
+def sum_at(at: np.ndarray, k: int, src: np.ndarray, scale: np.ndarray,
+           g: np.ndarray) -> torch.Tensor:
+    """float32 [k, dim]: row j sums ``scale[i] * g[src[i]]`` over the i with ``at[i] == j``,
+    in input order (scale empty: 1)."""
     contrib = torch.from_numpy(g).index_select(0, torch.from_numpy(src))
     if len(scale):
         contrib = contrib * torch.from_numpy(scale).unsqueeze(1)
-    u, inv = torch.unique(torch.from_numpy(keys), return_inverse=True)
-    return u.numpy(), torch.zeros(len(u), g.shape[1]).index_add_(0, inv, contrib)
+    return torch.zeros(k, g.shape[1]).index_add_(0, torch.from_numpy(at), contrib)
 
 
 @dataclass
