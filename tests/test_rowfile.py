@@ -121,3 +121,40 @@ def test_background_write_error_comes_out_of_the_next_call(tmp_path):
     assert rf.rows_written() == 2
     assert np.array_equal(rf.read(np.array([1, 2]))[0], w)
     rf.close()
+
+
+@pytest.mark.parametrize("mode", ["mmap", "pwrite"])
+def test_both_write_paths_store_the_same_records(tmp_path, monkeypatch, mode):
+    """The background thread writes through the mapping or with pwrite per row (chosen by the
+    size of the open row files, or TIERSTORE_SCM_WRITES): the file holds the same bytes, and
+    a reopen reads what was written."""
+    monkeypatch.setattr(rowfile, "WRITE_MODE", mode)
+    spec = SPECS[1]  # float16, odd dim: padding bytes inside the record
+    rng = np.random.default_rng(4)
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    rows = rng.permutation(spec.num_rows)[:200]
+    w, s = _values(spec, len(rows), rng)
+    rf.write(rows, w, s)
+    rf.write(rows[:50], w[50:100], s[50:100])  # rewrite some rows
+    rf.flush()
+    ref = spec.layout.pack(np.concatenate([w[50:100], w[50:]]),
+                           np.concatenate([s[50:100], s[50:]]))
+    got = np.fromfile(str(tmp_path / "t.rows"), dtype=np.uint8)[rowfile.HEADER:] \
+        .reshape(spec.num_rows, -1)[rows]
+    assert np.array_equal(got, ref)
+    assert rf.rows_written() == 200
+    rf.close()
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    assert rf.rows_written() == 200
+    got_w, got_s = rf.read(rows)
+    assert np.array_equal(got_w[:50], w[50:100]) and np.array_equal(got_s[50:], s[50:])
+    rf.close()
+
+
+def test_auto_write_path_follows_the_size_of_open_row_files(monkeypatch):
+    monkeypatch.setattr(rowfile, "WRITE_MODE", "auto")
+    monkeypatch.setattr(rowfile, "_dirty_background_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(rowfile, "_open_bytes", [512 << 20])
+    assert rowfile._write_through_mapping()
+    monkeypatch.setattr(rowfile, "_open_bytes", [2 << 30])
+    assert not rowfile._write_through_mapping()
