@@ -135,6 +135,10 @@ def render_lookup(res: dict[str, Any]) -> str:
             wz = min(r["dram_fraction_rate_ratio"] for r in z)
             out.append(f"Target: with 10% of each table in DRAM (Zipf 1.05), step rate >= 0.5x the "
                        f"all-in-DRAM rate; worst {wz:.2f}x: {'met' if wz >= 0.5 else 'NOT met'}.")
+            out += ["", "Threads: every step runs on one thread (OMP_NUM_THREADS=1), except that "
+                    "the 10% DRAM store writes evicted and updated rows to its row files on one "
+                    "background thread (tierstore/tiers/rowfile.py), which uses part of the "
+                    "second core. All-in-DRAM stores write nothing to SCM while training."]
     return "\n".join(out)
 
 
