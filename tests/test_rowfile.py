@@ -158,3 +158,13 @@ def test_auto_write_path_follows_the_size_of_open_row_files(monkeypatch):
     assert rowfile._write_through_mapping()
     monkeypatch.setattr(rowfile, "_open_bytes", [2 << 30])
     assert not rowfile._write_through_mapping()
+
+
+def test_slab_direct_calls_refuse_arrays_they_could_not_write_in_place(tmp_path):
+    spec = SPECS[0]
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    w = np.zeros((10, 2 * spec.dim), np.float32)[:, ::2]  # a strided view
+    s = np.zeros((10, spec.layout.state_dim), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rf.read_into(np.array([1, 2]), w, s, np.array([3, 4]))
+    rf.close()

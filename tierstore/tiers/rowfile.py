@@ -168,7 +168,10 @@ def _pack_slots(w_in, s_in, pos, soff, flag, rec):  # pragma: no cover
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous 2-d array as uint8 [rows, row bytes] (no copy)."""
+    """A C-contiguous 2-d array as uint8 [rows, row bytes] (no copy; raises ValueError for
+    any other array, whose view would be a copy that writes never reach)."""
+    if a.ndim != 2 or not a.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous 2-d array, got shape {a.shape}")
     return a.view(np.uint8).reshape(a.shape[0], -1)
 
 
