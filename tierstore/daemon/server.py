@@ -509,11 +509,12 @@ class Service:
         off = 8 * k
         hits = self._mailbox(c, off, np.int64, (h,)).copy()
         self._check_rows(spec, rows)
-        if len(np.unique(rows)) != k:  # a row admitted twice would own two slots
+        if cache.count_distinct_rows(rows) != k:  # a row admitted twice would own two slots
             raise InvalidInput(f"table {spec.name!r}: rows to resolve must be distinct")
         if h and (hits.min() < 0 or hits.max() >= cache.capacity):
             raise InvalidInput(f"table {spec.name!r}: hit slots out of range")
-        if h and (len(np.unique(hits)) != h or (cache.row_of_pos[hits + 1] < 0).any()):
+        if h and (cache.count_distinct_slots(hits) != h
+                  or (cache.row_of_pos[hits + 1] < 0).any()):
             # the policy would count a free slot as occupied and could hand it out twice
             raise InvalidInput(f"table {spec.name!r}: hit slots must be distinct occupied slots")
         hits = self._with_recent(c, msg, cache, hits, off + 8 * h)

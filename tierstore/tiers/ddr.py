@@ -673,6 +673,15 @@ class DDRCache(SlabWriter):
         w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s, *bypass_map(got, where, miss_at))
 
+    def count_distinct_rows(self, rows: np.ndarray) -> int:
+        """How many distinct ids ``rows`` (int64, in range) holds: one linear pass with the
+        table's marks (a sort for sparse or huge tables)."""
+        return len(self._rows.first_occurrence(rows)[0])
+
+    def count_distinct_slots(self, slots: np.ndarray) -> int:
+        """How many distinct slots ``slots`` (int64 in [0, capacity)) holds: one linear pass."""
+        return len(self._distinct_slots(slots + 1))
+
     def _admit(self, rows: np.ndarray, pos: np.ndarray) -> None:
         if len(rows) == 0:
             return
