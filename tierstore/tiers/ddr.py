@@ -486,16 +486,24 @@ class SlabWriter:
         (scale empty: 1) to position ``pos[i]``; duplicates summed first, rows flagged dirty and
         modified after their update. Fused numba kernel for float32 slabs (its packed sort
         keys need positions below 2**31 and fewer than 2**32 contributions), torch otherwise."""
-        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
-        if (not self.fused or kind is None or self.weights.dtype != np.float32
-                or len(self.weights) > 2**31 or max(len(pos), len(g)) >= 2**32):
+        if not self._fused_update(pos, src, scale, g, self.weights, self.state, self.dirty,
+                                  self.modified):
             self._apply_resident_torch(pos, src, scale, g)
-            return
+
+    def _fused_update(self, pos, src, scale, g, w, state, dirty, modified) -> bool:
+        """The fused kernel (kernels.apply_rows) on rows ``pos`` of the slab ``w``/``state``
+        (flags ``dirty``/``modified`` set per updated row); False, with nothing done, where
+        it does not apply: float32 slabs only, and its packed sort keys need positions below
+        2**31 and fewer than 2**32 contributions."""
+        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
+        if (not self.fused or kind is None or w.dtype != np.float32 or len(w) > 2**31
+                or max(len(pos), len(g)) >= 2**32):
+            return False
         opt = self.spec.optimizer
-        kernels.apply_rows(kind, pos, src, scale, g, self.weights, self.state, self.dirty,
-                           self.modified,
-                           opt.lr, getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
+        kernels.apply_rows(kind, pos, src, scale, g, w, state, dirty, modified, opt.lr,
+                           getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
                            self._scratch(len(pos)))
+        return True
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
         """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
@@ -578,8 +586,8 @@ class DDRCache(SlabWriter):
         self._rows = RowMarks(spec.num_rows, spec.id_space == "dense")
         #: the copy-on-write snapshot in progress (a checkpoint being written), if any
         self.cow: CowSnapshot | None = None
-        #: the last bypass read (backing generation, rows sorted, order, weights, state): the
-        #: backward of the same batch updates those rows on SCM and reuses it while current
+        #: the last bypass read (backing generation, rows, weights, state): the backward of
+        #: the same batch updates those rows on SCM and reuses it while current
         self._bypass_read: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         #: the whole (dense) table fits: every row is loaded now, row r in slot r, and never
         #: evicted, so a batch's positions are its ids + 1 (no index read on the fast path)
@@ -599,13 +607,14 @@ class DDRCache(SlabWriter):
                        desc=f"loading table {self.spec.name!r} into DRAM",
                        disable=None if big else True):
             rows = np.arange(lo, min(lo + chunk, self.spec.num_rows), dtype=np.int64)
+            pos = rows + 1
             if fresh:  # nothing on SCM yet: skip reading a file of zeros
-                w = initial_rows(self.spec.init, self.spec.seed, rows, self.spec.dim,
-                                 self.layout.np_dtype)
-                self._install(rows, rows + 1, w, np.zeros((len(rows), self.layout.state_dim),
-                                                          dtype=np.float32))
+                self.weights[pos] = initial_rows(self.spec.init, self.spec.seed, rows,
+                                                 self.spec.dim, self.layout.np_dtype)
+                self.state[pos] = 0.0
             else:
-                self._install(rows, rows + 1, *self.backing.read(rows))
+                self._read_into_slots(rows, pos)
+            self._install(rows, pos)
 
     # -- residency -------------------------------------------------------------------------
     def end_op(self) -> None:
@@ -698,20 +707,21 @@ class DDRCache(SlabWriter):
         if occupied.any():
             self._evict(pos[occupied], old[occupied])
             self.resident -= int(occupied.sum())
+        self._read_into_slots(rows, pos)
+        self._install(rows, pos)
+
+    def _read_into_slots(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        """Copy ``rows`` from SCM into the slab rows ``pos`` (the twin of :meth:`_write_back`):
+        straight from the row file's mapping where the backing can (RowFile.read_into)."""
         read_into = getattr(self.backing, "read_into", None)
         if read_into is None:
-            self._install(rows, pos, *self.backing.read(rows))
-            return
-        read_into(rows, self.weights, self.state, pos)  # straight into the slots
-        self._install(rows, pos, None, None)
+            self.weights[pos], self.state[pos] = self.backing.read(rows)
+        else:
+            read_into(rows, self.weights, self.state, pos)
 
-    def _install(self, rows: np.ndarray, pos: np.ndarray, w: np.ndarray | None,
-                 s: np.ndarray | None) -> None:
-        """Put ``rows`` (clean) with weights ``w`` and state ``s`` (None: already in the slab)
-        into the free slots ``pos``."""
-        if w is not None:
-            self.weights[pos] = w
-            self.state[pos] = s
+    def _install(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        """Make the free slots ``pos``, whose slab rows already hold ``rows``' values, hold
+        ``rows`` (clean)."""
         self.row_of_pos[pos] = rows
         self.dirty[pos] = 0
         self.index.put(rows, pos)
@@ -767,23 +777,14 @@ class DDRCache(SlabWriter):
         """The optimizer on rows that are not resident: read (or reuse the forward's read),
         update, write back to SCM. float32 tables use the fused kernel on the read rows as a
         small slab of their own, so these rows get exactly the resident rows' arithmetic."""
-        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
-        if not self.fused or kind is None or self.layout.np_dtype != np.float32:
-            rows, summed = _sum_contributions(ids, src, scale, g)
-            w, s = self._read_scm(rows)
-            wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
-            self.spec.optimizer.update(wt, st, summed)
-            self.backing.write(rows, wt.numpy().astype(self.layout.np_dtype), st.numpy())
-            self.tracker.add(rows)
-            return
         rows, at = self._rows.first_occurrence(ids)
-        w, s = self._read_scm(rows)  # fresh arrays, ours to update
+        w, s = self._read_scm(rows)  # arrays of our own, to update
         w, s = np.ascontiguousarray(w), np.ascontiguousarray(s)
         flags = np.zeros(len(rows), dtype=np.uint8)
-        opt = self.spec.optimizer
-        kernels.apply_rows(kind, at, src, scale, g, w, s, flags, flags, opt.lr,
-                           getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._scratch(len(at)))
+        if not self._fused_update(at, src, scale, g, w, s, flags, flags):
+            wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
+            self.spec.optimizer.update(wt, st, sum_at(at, len(rows), src, scale, g))
+            w, s = wt.numpy().astype(self.layout.np_dtype), st.numpy()
         self.backing.write(rows, w, s)
         self.tracker.add(rows)
 

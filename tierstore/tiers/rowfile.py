@@ -289,9 +289,10 @@ class RowFile:
 
         Returns once ``w`` and ``s`` are copied; the file is written in the background (see
         the module docstring)."""
-        if len(rows) == 0:
-            return
-        self._submit(rows, self.layout.pack(w, s))
+        n = len(rows)
+        w = np.ascontiguousarray(w, dtype=self.layout.np_dtype).reshape(n, self.spec.dim)
+        s = np.ascontiguousarray(s, dtype=np.float32).reshape(n, self.layout.state_dim)
+        self.write_slots(rows, w, s, np.arange(n, dtype=np.int64))
 
     def write_slots(self, rows: np.ndarray, weights: np.ndarray, state: np.ndarray,
                     pos: np.ndarray) -> None:
