@@ -29,8 +29,8 @@ oldest window rows, dueled pairwise against the oldest main rows. With batch 1 t
 the per-access algorithm (run by :meth:`AdaptivePolicy._admit_one` for speed).
 
 Memory per cached row, defaults: uint8 segment + int32 stamp per slot (5 bytes); the sketch,
-4 x ``sketch_width`` x capacity 4-bit counters (2 bytes); the ghosts, 2 x ``ghost_fraction`` x
-capacity 16-bit fingerprints (1 byte). The row held by each slot is read from the tier's array
+4 x ``sketch_width`` x capacity 4-bit counters (2 bytes) and a scratch bit per counter (0.5);
+the ghosts, 2 x ``ghost_fraction`` x capacity 16-bit fingerprints (1 byte). The row held by each slot is read from the tier's array
 once :meth:`AdaptivePolicy.bind_rows` is called, else kept here (8 more bytes per slot).
 """
 
@@ -104,7 +104,8 @@ class AdaptivePolicy(CachePolicy):
         self._free = FreeSlots(c)
         target = pool_size or default_pool_size(c)
         self._pools = {
-            segment: VictimPool(self._stamp_of, self._segment_keys(segment), target)
+            segment: VictimPool(self._stamp_of, self._segment_keys(segment), target,
+                                unique_keys=True)
             for segment in (WINDOW, PROBATION, PROTECTED)
         }
         self._sketch = CountMinSketch(width=math.ceil(sketch_width * c), sample=sample * c)

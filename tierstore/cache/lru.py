@@ -35,7 +35,8 @@ class LRUPolicy(CachePolicy):
         self._stamps = Stamps(self.capacity)
         self._free = FreeSlots(self.capacity)
         self._pool = VictimPool(
-            self._key_of, self._all_keys, pool_size or default_pool_size(self.capacity)
+            self._key_of, self._all_keys, pool_size or default_pool_size(self.capacity),
+            unique_keys=True,
         )
 
     # -- keys for the victim pool: the stamp itself (free slots are not members) --

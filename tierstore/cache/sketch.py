@@ -3,8 +3,9 @@
 Both are indexed by hashes of row ids, so their size depends on the cache capacity, not on the
 table size. Hashing is multiply-shift (Dietzfelbinger): for an odd 64-bit multiplier ``a`` the
 high 32 bits of ``a * row mod 2**64`` are a universal hash of ``row``; each structure uses its
-own multipliers. Batches go through numpy (:func:`row_hashes`); a single row takes a scalar path
-with the same hashes, because numpy's per-call overhead dominates at batch size 1.
+own multipliers. Batches go through numba kernels (estimates through numpy, :func:`row_hashes`);
+a single row takes a scalar Python path with the same hashes, because the per-call overhead of
+either dominates at batch size 1.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def row_hashes(rows: np.ndarray) -> np.ndarray:
     return (keys[None, :] * _MULTIPLIERS) >> _SHIFT32
 
 
+def _keys(rows: np.ndarray) -> np.ndarray:
+    """Row ids as the uint64 keys the hashes multiply (no copy for int64 arrays)."""
+    return np.ascontiguousarray(rows, dtype=np.int64).view(np.uint64)
+
+
 def _positions_one(row: int, first: int, count: int, width: int) -> list[int]:
     """Scalar twin of ``_reduce(row_hashes([row])[first:first+count], width)`` for one row."""
     return [
@@ -53,31 +59,56 @@ def _reduce(hashes: np.ndarray, width: int) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def _increment_batch(table, keys, multipliers, width, max_count):
-    """CountMinSketch.increment of a batch in one pass per nibble, with the numpy version's
-    exact semantics: every counter of the batch is read before any is written, so a counter
-    shared by several rows of the batch is raised once."""
+def _increment_batch(table, keys, multipliers, width, max_count, seen):
+    """CountMinSketch.increment of a batch, with the exact semantics of reading every counter
+    of the batch before writing any: a counter shared by several rows of the batch is raised
+    once. ``seen`` (one bit per counter) marks the counters raised so far; it is all zero on
+    entry and on return (a second pass clears the bits it set). No allocation: the batch
+    arrays of the earlier two-pass version page-faulted on every large batch (3x slower)."""
     n = keys.shape[0]
     h = multipliers.shape[0]
-    byte = np.empty(n * h, dtype=np.int64)
-    high = np.empty(n * h, dtype=np.bool_)
     w = np.uint64(width)
     for i in range(n):
         for j in range(h):
-            x = (keys[i] * multipliers[j]) >> np.uint64(32)
-            c = np.int64((x * w) >> np.uint64(32)) + j * width
-            byte[i * h + j] = c >> 1
-            high[i * h + j] = (c & 1) == 1
-    old = np.empty(n * h, dtype=np.uint8)
-    for nibble in range(2):
-        want_high = nibble == 1
-        shift = np.uint8(4 * nibble)
-        for k in range(n * h):
-            if high[k] == want_high:
-                old[k] = table[byte[k]]
-        for k in range(n * h):
-            if high[k] == want_high and ((old[k] >> shift) & max_count) < max_count:
-                table[byte[k]] = old[k] + (np.uint8(1) << shift)
+            c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
+            c += j * width
+            bit = np.uint8(1) << np.uint8(c & 7)
+            if seen[c >> 3] & bit:
+                continue
+            seen[c >> 3] |= bit
+            shift = np.uint8((c & 1) << 2)
+            v = table[c >> 1]
+            if ((v >> shift) & max_count) < max_count:
+                table[c >> 1] = v + (np.uint8(1) << shift)
+    for i in range(n):
+        for j in range(h):
+            c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
+            seen[(c + j * width) >> 3] = 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _ghost_add(table, keys, to_position, to_fingerprint, entries, modulus):
+    """GhostLists.add of a batch into one list (a later row overwrites an earlier one at the
+    same position, as numpy's assignment does); returns how many positions were empty."""
+    filled = 0
+    e = np.uint64(entries)
+    for i in range(keys.shape[0]):
+        p = np.int64((((keys[i] * to_position) >> np.uint64(32)) * e) >> np.uint64(32))
+        f = ((keys[i] * to_fingerprint) >> np.uint64(32)) % np.uint64(modulus) + np.uint64(1)
+        filled += table[p] == 0
+        table[p] = f
+    return filled
+
+
+@numba.njit(nogil=True, cache=True)
+def _ghost_lookup(first, second, keys, to_position, to_fingerprint, entries, modulus, out):
+    """GhostLists.lookup of a batch: out[0, i] / out[1, i] = row i is in list 0 / list 1."""
+    e = np.uint64(entries)
+    for i in range(keys.shape[0]):
+        p = np.int64((((keys[i] * to_position) >> np.uint64(32)) * e) >> np.uint64(32))
+        f = ((keys[i] * to_fingerprint) >> np.uint64(32)) % np.uint64(modulus) + np.uint64(1)
+        out[0, i] = first[p] == f
+        out[1, i] = second[p] == f
 
 
 class CountMinSketch:
@@ -87,7 +118,8 @@ class CountMinSketch:
     is the minimum of them, an over-estimate of how often the id was seen lately. After
     ``sample`` increments all counters are halved (the TinyLFU "reset"), so counts describe the
     last few ``sample`` accesses and the sketch adapts when popularity shifts. Two counters share
-    a byte, so the sketch costs ``2 * width`` bytes.
+    a byte, so the sketch costs ``2 * width`` bytes, plus ``width / 2`` for a bit per counter
+    that batch increments use as scratch.
     """
 
     MAX_COUNT = 15
@@ -99,6 +131,8 @@ class CountMinSketch:
         # One buffer, two views: numpy for batches, the bytearray for single rows (faster).
         self._bytes = bytearray(SKETCH_HASHES * self.width // 2)
         self._table = np.frombuffer(self._bytes, dtype=np.uint8)
+        #: scratch of batch increments: one bit per counter, zero between calls
+        self._seen = np.zeros((SKETCH_HASHES * self.width + 7) // 8, dtype=np.uint8)
         self.additions = 0
 
     def clear(self) -> None:
@@ -129,9 +163,8 @@ class CountMinSketch:
         if n == 1:
             self._increment_one(int(rows[0]))
         elif n > 1:
-            keys = np.ascontiguousarray(rows, dtype=np.int64).view(np.uint64)
-            _increment_batch(self._table, keys, _SKETCH_MULTIPLIERS, self.width,
-                             np.uint8(self.MAX_COUNT))
+            _increment_batch(self._table, _keys(rows), _SKETCH_MULTIPLIERS, self.width,
+                             np.uint8(self.MAX_COUNT), self._seen)
         self.additions += n
         if self.additions >= self.sample:
             self._halve()
@@ -151,7 +184,7 @@ class CountMinSketch:
 
     @property
     def nbytes(self) -> int:
-        return self._table.nbytes
+        return self._table.nbytes + self._seen.nbytes
 
 
 class GhostLists:
@@ -176,29 +209,27 @@ class GhostLists:
         self._tables = [np.frombuffer(b, dtype=dtype) for b in buffers]
         self._cells = [memoryview(b).cast(code) for b in buffers]
         self._occupied = [0, 0]
+        #: the batch kernels' hashing: position and fingerprint multipliers, entries, modulus
+        self._hashing = (_MULTIPLIERS[SKETCH_HASHES, 0], _MULTIPLIERS[SKETCH_HASHES + 1, 0],
+                         self.entries, self._modulus)
 
     def clear(self) -> None:
         for table in self._tables:
             table.fill(0)
         self._occupied = [0, 0]
 
-    def _where(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position, fingerprint in 1..2**bits-1) of each row."""
-        hashes = row_hashes(rows)
-        position = _reduce(hashes[SKETCH_HASHES], self.entries)
-        fingerprint = hashes[SKETCH_HASHES + 1] % np.uint64(self._modulus) + np.uint64(1)
-        return position, fingerprint.astype(self._tables[0].dtype)
-
     def _where_one(self, row: int) -> tuple[int, int]:
-        """:meth:`_where` of a single row, in plain ints."""
+        """(position, fingerprint in 1..2**bits-1) of one row, in plain ints (the hashes of
+        the batch kernels)."""
         position = _positions_one(row, SKETCH_HASHES, 1, self.entries)[0]
         mixed = ((row * _MULTIPLIER_INTS[SKETCH_HASHES + 1]) & _MASK64) >> 32
         return position, mixed % self._modulus + 1
 
     def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(in list 0, in list 1): bool arrays over ``rows``."""
-        position, fingerprint = self._where(rows)
-        return self._tables[0][position] == fingerprint, self._tables[1][position] == fingerprint
+        out = np.empty((2, len(rows)), dtype=np.bool_)
+        _ghost_lookup(self._tables[0], self._tables[1], _keys(rows), *self._hashing, out)
+        return out[0], out[1]
 
     def lookup_one(self, row: int) -> tuple[bool, bool]:
         """:meth:`lookup` of a single row."""
@@ -213,10 +244,8 @@ class GhostLists:
             self._occupied[which] += cells[position] == 0
             cells[position] = fingerprint
         elif len(rows):
-            position, fingerprint = self._where(rows)
-            table = self._tables[which]
-            self._occupied[which] += int(np.count_nonzero(table[np.unique(position)] == 0))
-            table[position] = fingerprint
+            self._occupied[which] += int(_ghost_add(self._tables[which], _keys(rows),
+                                                    *self._hashing))
 
     def remembered(self, which: int) -> int:
         """How many rows list ``which`` holds (for ARC's adaptation ratio)."""

@@ -8,13 +8,15 @@
   instead keeps a sorted snapshot of the few smallest keys and only rescans all slots when the
   snapshot runs dry, so a miss costs O(1) amortized while the choice stays exact.
 
-All of it works on whole numpy arrays; nothing loops over the ids of a batch in Python.
+All of it works on whole numpy arrays or in numba kernels; nothing loops over the ids of a
+batch in Python.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numba
 import numpy as np
 
 from .base import Admission
@@ -165,6 +167,8 @@ class VictimPool:
       still equals ``key_of(slot)``.
     - ``all_keys()``: int64[capacity] with the key of every member slot and ``INT64_MAX`` for
       non-members (free slots, other segments).
+    - ``unique_keys``: True when no two members (and no stale snapshot entry and a member)
+      ever share a key, as with recency stamps; rebuilds then take a faster exact path.
 
     The pool holds a sorted snapshot of at least ``target`` smallest member keys and a
     ``threshold`` such that every member slot not in the snapshot (with its current key) has a
@@ -182,10 +186,15 @@ class VictimPool:
         key_of: Callable[[np.ndarray], np.ndarray],
         all_keys: Callable[[], np.ndarray],
         target: int,
+        *,
+        unique_keys: bool = False,
     ) -> None:
         self._key_of = key_of
         self._all_keys = all_keys
         self.target = max(1, int(target))
+        #: no two members ever share a key (recency stamps): rebuilds sort in numba, because
+        #: any correct sort then gives the one order argpartition + stable argsort gives
+        self.unique_keys = bool(unique_keys)
         self.rebuilds = 0
         self.invalidate()
 
@@ -274,6 +283,16 @@ class VictimPool:
         self._truncate()
 
     def _merge(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        head, tail = self._head, self._tail
+        if (tail > head and keys[0] >= self._keys[tail - 1] and tail + len(slots) <= len(self._slots)
+                and (len(keys) == 1 or bool(np.all(keys[1:] >= keys[:-1])))):
+            # already in order after the snapshot (fresh recency stamps): the stable merge
+            # would put them exactly here
+            self._slots[tail:tail + len(slots)] = slots
+            self._keys[tail:tail + len(slots)] = keys
+            self._tail = tail + len(slots)
+            self._truncate()
+            return
         all_slots = np.concatenate([self._slots[self._head : self._tail], slots])
         all_keys = np.concatenate([self._keys[self._head : self._tail], keys])
         order = np.argsort(all_keys, kind="stable")
@@ -301,6 +320,13 @@ class VictimPool:
         n_members = int(np.count_nonzero(member))
         n_blocked = int(np.count_nonzero(blocked & member))
         size = min(max(self.target, 2 * m) + n_blocked, n_members)
+        if self.unique_keys:
+            ordered, ordered_keys = _members_by_key(keys, INT64_MAX)
+            self._threshold = int(ordered_keys[size]) if size < n_members else INT64_MAX
+            self._store(ordered[:size], ordered_keys[:size])
+            self._fresh = True
+            self.rebuilds += 1
+            return
         if size < len(keys):
             part = np.argpartition(keys, size)
             chosen = part[:size]
@@ -316,6 +342,55 @@ class VictimPool:
     @property
     def nbytes(self) -> int:
         return self._slots.nbytes + self._keys.nbytes
+
+
+@numba.njit(nogil=True, cache=True)
+def _members_by_key(keys, absent):
+    """(slots, keys) of the entries of ``keys`` other than ``absent``, sorted by key (stable
+    LSD radix sort on key - min, 11 bits per pass; O(len(keys)))."""
+    n = 0
+    lo = absent
+    hi = -absent - 1
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        if k != absent:
+            n += 1
+            lo = min(lo, k)
+            hi = max(hi, k)
+    a = np.empty(n, dtype=np.int64)
+    j = 0
+    for i in range(keys.shape[0]):
+        if keys[i] != absent:
+            a[j] = i
+            j += 1
+    if n < 2:
+        out_keys = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            out_keys[i] = keys[a[i]]
+        return a, out_keys
+    span = np.uint64(hi - lo)
+    b = np.empty(n, dtype=np.int64)
+    hist = np.empty(2048, dtype=np.int64)
+    shift = np.uint64(0)
+    while shift < 64 and (span >> shift) > 0:
+        hist[:] = 0
+        for i in range(n):
+            hist[(np.uint64(keys[a[i]] - lo) >> shift) & np.uint64(2047)] += 1
+        t = 0
+        for c in range(2048):
+            h = hist[c]
+            hist[c] = t
+            t += h
+        for i in range(n):
+            c = (np.uint64(keys[a[i]] - lo) >> shift) & np.uint64(2047)
+            b[hist[c]] = a[i]
+            hist[c] += 1
+        a, b = b, a
+        shift += np.uint64(11)
+    out_keys = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        out_keys[i] = keys[a[i]]
+    return a, out_keys
 
 
 def pin_for_batch(pinned: np.ndarray, slots: np.ndarray) -> np.ndarray:
