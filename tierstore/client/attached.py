@@ -165,16 +165,11 @@ class AttachedTable(SlabWriter):
             self.header[pins.LOOKUPS] += len(ids)
             self.header[pins.HITS] += len(ids)
             return pos, None
-        miss = pos == 0
-        miss_at = np.flatnonzero(miss)
-        miss_rows, where = self._rows.first_occurrence(ids[miss_at])
-        hit_slots = _EMPTY
-        if self.tracks_hits and len(miss_at) < len(ids):
-            hit_slots = self._distinct_slots(pos[~miss])
-        got, bypass = self.conn._resolve(self, miss_rows, hit_slots, len(ids))
-        pos[miss_at] = got[where]
+        m = self._rows.split_misses(ids, pos, self._mark, self.tracks_hits)
+        got, bypass = self.conn._resolve(self, m.rows, m.hit_slots, len(ids))
+        pos[m.at] = got[m.where]
         if bypass is not None:  # which ids read which bypass row, known without a search
-            bypass.where, bypass.k = bypass_map(got, where, miss_at)
+            bypass.where, bypass.k = bypass_map(got, m.where, m.at)
         return pos, bypass
 
     def apply(self, ids: np.ndarray, src: np.ndarray, scale: np.ndarray | None,
@@ -192,18 +187,14 @@ class AttachedTable(SlabWriter):
         pos = out.astype(np.int64)
         g = grad.detach().to(torch.float32).contiguous().numpy()
         sc = np.empty(0, dtype=np.float32) if scale is None else scale
-        away = pos == 0
-        if away.any():  # the service first: a Stale reply must come before any local write
+        u = self._rows.split_updates(ids, pos, src, sc)
+        if len(u.away_rows):  # the service first: a Stale reply must come before any local write
             # first-occurrence order: the order of the forward's bypass rows, which lets the
             # service reuse its read of them without a search (DDRCache._read_scm)
-            rows, at = self._rows.first_occurrence(ids[away])
-            summed = sum_at(at, len(rows), src[away], sc[away] if len(sc) else sc, g)
-            self.conn._apply(self, rows, summed.numpy())
-            keep = ~away
-            pos, src = pos[keep], src[keep]
-            sc = sc[keep] if len(sc) else sc
-        if len(pos):
-            self._apply_resident(pos, src, sc, g)
+            summed = sum_at(u.away_at, len(u.away_rows), u.away_src, u.away_scale, g)
+            self.conn._apply(self, u.away_rows, summed.numpy())
+        if len(u.pos):
+            self._apply_resident(u.pos, u.src, u.scale, g)
 
     def close(self) -> None:
         self.weights_t = None

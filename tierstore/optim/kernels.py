@@ -267,6 +267,82 @@ def first_occurrence(ids, mark, out_rows, out_idx):
     return u
 
 
+@numba.njit(**_JIT)
+def split_misses(ids, pos, row_mark, slot_mark, track_hits, miss_at, miss_rows, where,
+                 hit_slots):
+    """One pass over a batch's slab positions ``pos`` (0 = not resident) splitting it for the
+    policy: ``miss_at`` the batch indices of missing ids; ``miss_rows`` their distinct ids in
+    first-occurrence order, ``where`` each missing id's index in them; if ``track_hits``,
+    ``hit_slots`` the distinct slots (position - 1) hit, first-occurrence order. Returns the
+    three counts. ``row_mark`` (int32, one per id) is all 0 and ``slot_mark`` (int64, one per
+    position) all -1 on entry and on return."""
+    n_at = 0
+    n_rows = 0
+    n_hit = 0
+    for i in range(ids.shape[0]):
+        p = pos[i]
+        if p == 0:
+            r = ids[i]
+            m = row_mark[r]
+            if m == 0:
+                n_rows += 1
+                row_mark[r] = n_rows
+                miss_rows[n_rows - 1] = r
+                m = n_rows
+            miss_at[n_at] = i
+            where[n_at] = m - 1
+            n_at += 1
+        elif track_hits and slot_mark[p] < 0:
+            slot_mark[p] = n_hit
+            hit_slots[n_hit] = p - 1
+            n_hit += 1
+    for j in range(n_rows):
+        row_mark[miss_rows[j]] = 0
+    for j in range(n_hit):
+        slot_mark[hit_slots[j] + 1] = -1
+    return n_at, n_rows, n_hit
+
+
+@numba.njit(**_JIT)
+def split_updates(ids, pos, src, scale, row_mark, res_pos, res_src, res_scale, away_rows,
+                  away_at, away_src, away_scale):
+    """One pass splitting a batch's update contributions (contribution i: ``scale[i]`` times
+    gradient row ``src[i]`` to id ``ids[i]`` at slab position ``pos[i]``, 0 = not resident;
+    ``scale`` empty: 1) into resident ones (``res_pos``/``res_src``/``res_scale``) and the rest
+    (``away_src``/``away_scale``, and ``away_at`` each one's index in ``away_rows``, the
+    distinct ids not resident in first-occurrence order). Scales are copied only when given.
+    Returns (resident contributions, other contributions, distinct other rows). ``row_mark``
+    (int32, one per id) is all 0 on entry and on return."""
+    scaled = scale.shape[0] > 0
+    n_res = 0
+    n_away = 0
+    n_rows = 0
+    for i in range(ids.shape[0]):
+        p = pos[i]
+        if p != 0:
+            res_pos[n_res] = p
+            res_src[n_res] = src[i]
+            if scaled:
+                res_scale[n_res] = scale[i]
+            n_res += 1
+        else:
+            r = ids[i]
+            m = row_mark[r]
+            if m == 0:
+                n_rows += 1
+                row_mark[r] = n_rows
+                away_rows[n_rows - 1] = r
+                m = n_rows
+            away_at[n_away] = m - 1
+            away_src[n_away] = src[i]
+            if scaled:
+                away_scale[n_away] = scale[i]
+            n_away += 1
+    for j in range(n_rows):
+        row_mark[away_rows[j]] = 0
+    return n_res, n_away, n_rows
+
+
 # -- row flags (modified-row records and checkpoint snapshots) ---------------------------------
 
 @numba.njit(**_JIT)

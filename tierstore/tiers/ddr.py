@@ -625,6 +625,10 @@ class DDRCache(SlabWriter):
         effects."""
         if self.full_table:
             return ids.astype(np.int64, copy=False) + 1
+        if self._dense is not None:
+            pos = np.empty(len(ids), dtype=np.int64)
+            kernels.gather_positions(np.ascontiguousarray(ids, dtype=np.int64), self._dense, pos)
+            return pos
         return self.index.get(ids)
 
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -660,27 +664,25 @@ class DDRCache(SlabWriter):
         first-occurrence semantics: a distinct missing row is one miss however often it appears.
         """
         pos = self.positions(ids)
-        miss = pos == 0
-        if not miss.any():
-            self._record_all_hits(pos)
-            return pos, None
         n = len(ids)
-        miss_at = np.flatnonzero(miss)
-        miss_rows, where = self._rows.first_occurrence(ids[miss_at])
+        m = self._rows.split_misses(ids, pos, self._mark, self._track_hits)
         self.counters["lookups"] += n
-        self.counters["misses"] += len(miss_rows)
-        self.counters["hits"] += n - len(miss_rows)
-        hit_slots = self._distinct_slots(pos[~miss]) if self._track_hits else _EMPTY
-        adm = self.policy.access(hit_slots, miss_rows)
-        self._admit(miss_rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
-        got = self.positions(miss_rows)
-        pos[miss_at] = got[where]
-        rest = miss_rows[~adm.admit]
+        self.counters["misses"] += len(m.rows)
+        self.counters["hits"] += n - len(m.rows)
+        if not len(m.rows):
+            if len(m.hit_slots):
+                self.policy.access(m.hit_slots, _EMPTY)
+            return pos, None
+        adm = self.policy.access(m.hit_slots, m.rows)
+        self._admit(m.rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
+        got = self.positions(m.rows)
+        pos[m.at] = got[m.where]
+        rest = m.rows[~adm.admit]
         if len(rest) == 0:
             return pos, None
         self.counters["bypassed"] += len(rest)
         w, s = self._read_bypass(rest)
-        return pos, Bypass(rest, w, s, *bypass_map(got, where, miss_at))
+        return pos, Bypass(rest, w, s, *bypass_map(got, m.where, m.at))
 
     def count_distinct_rows(self, rows: np.ndarray) -> int:
         """How many distinct ids ``rows`` (int64, in range) holds: one linear pass with the
@@ -760,24 +762,23 @@ class DDRCache(SlabWriter):
         if cow is not None:
             cow.copy_before_write(ids)
         pos = self.positions(ids)
-        on_scm = pos == 0
         g = grad.detach().to(torch.float32).contiguous().numpy()
         if scale is None:
             scale = np.empty(0, dtype=np.float32)
-        if on_scm.any():
-            self._apply_on_scm(ids[on_scm], src[on_scm],
-                               scale[on_scm] if len(scale) else scale, g)
-            keep = ~on_scm
-            pos, src = pos[keep], src[keep]
-            scale = scale[keep] if len(scale) else scale
-        if len(pos):
+        if self.full_table:  # every row resident
             self._apply_resident(pos, src, scale, g)
+            return
+        u = self._rows.split_updates(ids, pos, src, scale)
+        if len(u.away_rows):
+            self._apply_on_scm(u.away_rows, u.away_at, u.away_src, u.away_scale, g)
+        if len(u.pos):
+            self._apply_resident(u.pos, u.src, u.scale, g)
 
-    def _apply_on_scm(self, ids, src, scale, g) -> None:
-        """The optimizer on rows that are not resident: read (or reuse the forward's read),
-        update, write back to SCM. float32 tables use the fused kernel on the read rows as a
-        small slab of their own, so these rows get exactly the resident rows' arithmetic."""
-        rows, at = self._rows.first_occurrence(ids)
+    def _apply_on_scm(self, rows, at, src, scale, g) -> None:
+        """The optimizer on ``rows`` (distinct, not resident; contribution i goes to
+        ``rows[at[i]]``): read them (or reuse the forward's read), update, write back to SCM.
+        float32 tables use the fused kernel on the read rows as a small slab of their own, so
+        these rows get exactly the resident rows' arithmetic."""
         w, s = self._read_scm(rows)  # arrays of our own, to update
         w, s = np.ascontiguousarray(w), np.ascontiguousarray(s)
         flags = np.zeros(len(rows), dtype=np.uint8)

@@ -1,17 +1,44 @@
-"""Distinct ids of a batch in first-occurrence order, with each id's index among them.
+"""Distinct ids of a batch in first-occurrence order, with each id's index among them, and the
+two batch splits built on it (a forward's misses, a backward's updates of rows not resident).
 
 For tables of up to ``MAX_MARKED_ROWS`` rows a zero-filled mark array (one int32 per row;
-pages never touched cost nothing) turns this into one linear kernel pass; larger or sparse id
+pages never touched cost nothing) turns each into one linear kernel pass; larger or sparse id
 spaces fall back to a sort (np.unique), measured ~6x slower on a 80k-id batch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 from tierstore.optim import kernels
 
 MAX_MARKED_ROWS = 1 << 24  # 64 MiB of marks at most
+
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class Misses(NamedTuple):
+    """A batch's split for the policy (:meth:`RowMarks.split_misses`)."""
+
+    at: np.ndarray  # int64: batch indices of the ids not resident
+    rows: np.ndarray  # int64: those ids, distinct, first-occurrence order
+    where: np.ndarray  # int64: index of each missing id (``at``) in ``rows``
+    hit_slots: np.ndarray  # int64: distinct slots hit, first-occurrence order (if tracked)
+
+
+class Updates(NamedTuple):
+    """A batch's update contributions split by residency (:meth:`RowMarks.split_updates`)."""
+
+    pos: np.ndarray  # resident contributions: slab position, gradient row, scale
+    src: np.ndarray
+    scale: np.ndarray
+    away_rows: np.ndarray  # distinct ids not resident, first-occurrence order
+    away_at: np.ndarray  # their contributions: index in away_rows, gradient row, scale
+    away_src: np.ndarray
+    away_scale: np.ndarray
 
 
 class RowMarks:
@@ -34,3 +61,48 @@ class RowMarks:
         u = kernels.first_occurrence(np.ascontiguousarray(ids, dtype=np.int64), self._mark,
                                      rows, idx)
         return rows[:u], idx
+
+    def split_misses(self, ids: np.ndarray, pos: np.ndarray, slot_mark: np.ndarray,
+                     track_hits: bool) -> Misses:
+        """Split a batch of ``ids`` (int64, in range) with slab positions ``pos`` (int64, 0 =
+        not resident) for the policy; ``slot_mark`` is the slab's int64 scratch (all -1,
+        one per position), left as it was. Hit slots are listed only if ``track_hits``."""
+        n = len(ids)
+        if self._mark is None:
+            miss = pos == 0
+            at = np.flatnonzero(miss)
+            rows, where = self.first_occurrence(ids[at])
+            hits = _EMPTY
+            if track_hits:
+                hit_pos = pos[~miss]
+                out = np.empty(len(hit_pos), dtype=np.int64)
+                hits = out[:kernels.distinct_positions(hit_pos, slot_mark, out)] - 1
+            return Misses(at, rows, where, hits)
+        at, rows, where = (np.empty(n, dtype=np.int64) for _ in range(3))
+        hits = np.empty(n if track_hits else 0, dtype=np.int64)
+        n_at, n_rows, n_hit = kernels.split_misses(ids, pos, self._mark, slot_mark, track_hits,
+                                                   at, rows, where, hits)
+        return Misses(at[:n_at], rows[:n_rows], where[:n_at], hits[:n_hit])
+
+    def split_updates(self, ids: np.ndarray, pos: np.ndarray, src: np.ndarray,
+                      scale: np.ndarray) -> Updates:
+        """Split update contributions (``scale[i] * grad[src[i]]`` to id ``ids[i]`` at slab
+        position ``pos[i]``, 0 = not resident; ``scale`` float32, empty for 1) into resident
+        ones and those of rows not resident, listed by distinct row (first occurrence)."""
+        if self._mark is None:
+            away = pos == 0
+            keep = ~away
+            rows, at = self.first_occurrence(ids[away])
+            sc = scale if not len(scale) else scale[keep]
+            away_sc = scale if not len(scale) else scale[away]
+            return Updates(pos[keep], src[keep], sc, rows, at, src[away], away_sc)
+        n = len(ids)
+        res_pos, res_src, rows, at, away_src = (np.empty(n, dtype=np.int64) for _ in range(5))
+        k = n if len(scale) else 0
+        res_sc, away_sc = np.empty(k, dtype=np.float32), np.empty(k, dtype=np.float32)
+        n_res, n_away, n_rows = kernels.split_updates(ids, pos, src, scale, self._mark, res_pos,
+                                                      res_src, res_sc, rows, at, away_src,
+                                                      away_sc)
+        k_res, k_away = (n_res, n_away) if len(scale) else (0, 0)
+        return Updates(res_pos[:n_res], res_src[:n_res], res_sc[:k_res], rows[:n_rows],
+                       at[:n_away], away_src[:n_away], away_sc[:k_away])
