@@ -3,6 +3,7 @@ SCM in the backward; the backward reuses the forward's read while the row file i
 (RowFile.generation), and reads the file again once anything wrote it."""
 
 import numpy as np
+import pytest
 import torch
 
 import tierstore as ts
@@ -62,3 +63,29 @@ def test_a_write_between_forward_and_backward_is_not_lost(tmp_path):
         s.apply_gradients("t", COLD[:10], torch.ones(10, 4))
         got = s.lookup("t", COLD[:10])
         assert torch.equal(got, torch.full((10, 4), 3.0 - 0.1))
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "lru"])
+def test_backward_reuses_forward_positions_only_for_the_same_ids(tmp_path, policy):
+    """The backward takes the forward's slab positions when its ids equal the forward's and
+    nothing moved since; ids changed in place after the forward, or a batch that admitted
+    rows in between, are looked up again (each compared with an all-DRAM store)."""
+    batch = torch.cat([HOT, COLD])
+    off = torch.arange(0, len(batch), 4)
+    grad = torch.randn(len(off), 4)
+    with store_with_cache(tmp_path / "s", policy, cache_rows=64) as s, \
+            ts.Store(tmp_path / "ref", ddr_bytes=1 << 20) as ref:
+        ref.create_table(ts.TableSpec("t", 20_000, 4, optimizer=ts.SGD(0.1)))
+        _warm(s)
+        for step in range(3):
+            ids = batch.clone()
+            s.pooled("t", ids, off)
+            if step == 1:  # the same tensor, other rows, before the backward
+                ids[:8] = torch.arange(9000, 9008)
+            if step == 2:  # another batch moves rows in and out in between
+                s.lookup("t", torch.arange(7000, 7200))
+                ref.lookup("t", torch.arange(7000, 7200))
+            s.apply_pooled_gradients("t", ids, off, grad)
+            ref.apply_pooled_gradients("t", ids, off, grad)
+        every = torch.cat([HOT, COLD, torch.arange(9000, 9008), torch.arange(7000, 7200)])
+        assert torch.equal(s.lookup("t", every), ref.lookup("t", every))

@@ -98,3 +98,26 @@ def test_empty_batch_changes_nothing():
                            np.zeros((4, 1), np.float32), flags, flags, 0.1, 1e-8, 0.0,
                            np.empty(0, np.int64))
     assert u == 0 and (w == 1).all() and not flags.any()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_positions_below_first_are_skipped(scaled):
+    rng = np.random.default_rng(7)
+    pos = rng.integers(0, 6, 40)  # a third of them 0 or 1
+    src = rng.integers(0, 8, 40)
+    grad = rng.standard_normal((8, DIM)).astype(np.float32)
+    scale = rng.random(40).astype(np.float32) if scaled else np.empty(0, np.float32)
+    w0 = rng.standard_normal((6, DIM)).astype(np.float32)
+    w, s = w0.copy(), np.zeros((6, 1), np.float32)
+    flags = np.zeros(6, np.uint8)
+    u = kernels.apply_rows(kernels.ROWWISE_ADAGRAD, pos, src, scale, grad, w, s, flags,
+                           flags.copy(), 0.1, 1e-8, 0.0, np.empty(80, np.int64), 2)
+    keep = pos >= 2
+    w_ref, s_ref = w0.copy(), np.zeros((6, 1), np.float32)
+    kernels.apply_rows(kernels.ROWWISE_ADAGRAD, pos[keep], src[keep],
+                       scale[keep] if scaled else scale, grad, w_ref, s_ref,
+                       np.zeros(6, np.uint8), np.zeros(6, np.uint8), 0.1, 1e-8, 0.0,
+                       np.empty(80, np.int64))
+    assert u == len(np.unique(pos[keep]))
+    assert np.array_equal(w, w_ref) and np.array_equal(s, s_ref)
+    assert np.array_equal(w[:2], w0[:2]) and not flags[:2].any()

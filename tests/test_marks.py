@@ -40,24 +40,21 @@ def test_split_misses_matches_numpy(dense, track_hits):
 
 @pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("scaled", [True, False])
-def test_split_updates_matches_numpy(dense, scaled):
+def test_away_updates_matches_numpy(dense, scaled):
     ids, pos, rows, _ = _batch(2)
     src = np.random.default_rng(3).integers(0, 64, len(ids))
     scale = (np.random.default_rng(4).random(len(ids)).astype(np.float32) if scaled
              else np.empty(0, dtype=np.float32))
     marks = RowMarks(rows, dense)
-    u = marks.split_updates(ids, pos, src, scale)
-    res, away = pos > 0, pos == 0
-    np.testing.assert_array_equal(u.pos, pos[res])
-    np.testing.assert_array_equal(u.src, src[res])
-    np.testing.assert_array_equal(u.away_rows, _first_occurrence(ids[away]))
-    np.testing.assert_array_equal(u.away_rows[u.away_at], ids[away])
-    np.testing.assert_array_equal(u.away_src, src[away])
+    u = marks.away_updates(ids, pos, src, scale)
+    away = pos == 0
+    np.testing.assert_array_equal(u.rows, _first_occurrence(ids[away]))
+    np.testing.assert_array_equal(u.rows[u.at], ids[away])
+    np.testing.assert_array_equal(u.src, src[away])
     if scaled:
-        np.testing.assert_array_equal(u.scale, scale[res])
-        np.testing.assert_array_equal(u.away_scale, scale[away])
+        np.testing.assert_array_equal(u.scale, scale[away])
     else:
-        assert len(u.scale) == 0 and len(u.away_scale) == 0
+        assert len(u.scale) == 0
     # the marks are clean again: a second split of other ids is unaffected by the first
-    u2 = marks.split_updates(ids[::-1].copy(), pos[::-1].copy(), src, scale)
-    np.testing.assert_array_equal(u2.away_rows, _first_occurrence(ids[::-1][pos[::-1] == 0]))
+    u2 = marks.away_updates(ids[::-1].copy(), pos[::-1].copy(), src, scale)
+    np.testing.assert_array_equal(u2.rows, _first_occurrence(ids[::-1][pos[::-1] == 0]))

@@ -187,14 +187,13 @@ class AttachedTable(SlabWriter):
         pos = out.astype(np.int64)
         g = grad.detach().to(torch.float32).contiguous().numpy()
         sc = np.empty(0, dtype=np.float32) if scale is None else scale
-        u = self._rows.split_updates(ids, pos, src, sc)
-        if len(u.away_rows):  # the service first: a Stale reply must come before any local write
+        away = self._rows.away_updates(ids, pos, src, sc)
+        if len(away.rows):  # the service first: a Stale reply must come before any local write
             # first-occurrence order: the order of the forward's bypass rows, which lets the
             # service reuse its read of them without a search (DDRCache._read_scm)
-            summed = sum_at(u.away_at, len(u.away_rows), u.away_src, u.away_scale, g)
-            self.conn._apply(self, u.away_rows, summed.numpy())
-        if len(u.pos):
-            self._apply_resident(u.pos, u.src, u.scale, g)
+            summed = sum_at(away.at, len(away.rows), away.src, away.scale, g)
+            self.conn._apply(self, away.rows, summed.numpy())
+        self._apply_resident(pos, src, sc, g)  # (skips the rows not resident)
 
     def close(self) -> None:
         self.weights_t = None

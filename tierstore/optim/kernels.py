@@ -134,14 +134,16 @@ def _prefetch_slab_row(w, state, p):
 
 @numba.njit(fastmath=_FASTMATH, **_JIT)
 def apply_rows(kind, pos, src, scale, grad, w, state, dirty, modified, lr, eps, weight_decay,
-               keys):
+               keys, first=0):
     """Sum contributions per slab row, then apply the optimizer to each distinct row.
 
     Contribution i adds ``scale[i] * grad[src[i]]`` (scale empty: 1) to slab row ``pos[i]``
     (0 <= pos[i] < len(w) <= 2**31; 0 <= src[i] < len(grad), len(pos) < 2**32); a row's
     contributions are summed in input order, in float32, before its one update; each updated
     row gets its ``dirty`` (write-back) and ``modified`` (checkpoint) flags set after its
-    update. Scratch: keys int64[>= 2 * len(pos)]. Returns the number of distinct rows updated.
+    update. Contributions to positions below ``first`` are skipped (1: a DRAM slab's
+    permanent zero row, where a batch's rows that are not resident point). Scratch: keys
+    int64[>= 2 * len(pos)]. Returns the number of distinct rows updated.
 
     Like FBGEMM's CPU backward: the contributions are radix-sorted by position
     (:func:`sort_contributions`), then each run of one row sums its gradient rows (``grad`` is
@@ -161,7 +163,10 @@ def apply_rows(kind, pos, src, scale, grad, w, state, dirty, modified, lr, eps, 
     acc = np.empty(dim, dtype=np.float32)
     lr32, eps32, wd32 = np.float32(lr), np.float32(eps), np.float32(weight_decay)
     low = np.int64(0xFFFFFFFF)
-    pf = 0  # prefetch cursor: start of the first run not prefetched yet
+    k = 0
+    while k < n and (v[k] >> 32) < first:
+        k += 1
+    pf = k  # prefetch cursor: start of the first run not prefetched yet
     for _ in range(PREFETCH_DISTANCE + 1):
         if pf < n:
             q = v[pf] >> 32
@@ -169,7 +174,6 @@ def apply_rows(kind, pos, src, scale, grad, w, state, dirty, modified, lr, eps, 
             while pf < n and (v[pf] >> 32) == q:
                 pf += 1
     u = 0
-    k = 0
     while k < n:
         p = v[k] >> 32
         x = v[k] & low
@@ -304,28 +308,18 @@ def split_misses(ids, pos, row_mark, slot_mark, track_hits, miss_at, miss_rows, 
 
 
 @numba.njit(**_JIT)
-def split_updates(ids, pos, src, scale, row_mark, res_pos, res_src, res_scale, away_rows,
-                  away_at, away_src, away_scale):
-    """One pass splitting a batch's update contributions (contribution i: ``scale[i]`` times
-    gradient row ``src[i]`` to id ``ids[i]`` at slab position ``pos[i]``, 0 = not resident;
-    ``scale`` empty: 1) into resident ones (``res_pos``/``res_src``/``res_scale``) and the rest
-    (``away_src``/``away_scale``, and ``away_at`` each one's index in ``away_rows``, the
-    distinct ids not resident in first-occurrence order). Scales are copied only when given.
-    Returns (resident contributions, other contributions, distinct other rows). ``row_mark``
-    (int32, one per id) is all 0 on entry and on return."""
+def away_updates(ids, pos, src, scale, row_mark, away_rows, away_at, away_src, away_scale):
+    """One pass picking a batch's update contributions to rows not resident (contribution i:
+    ``scale[i]`` times gradient row ``src[i]`` to id ``ids[i]`` at slab position ``pos[i]``,
+    0 = not resident; ``scale`` empty: 1): ``away_rows`` their distinct ids in
+    first-occurrence order and, per contribution, ``away_at`` its row's index there,
+    ``away_src`` and (when given) ``away_scale``. Returns (contributions, distinct rows).
+    ``row_mark`` (int32, one per id) is all 0 on entry and on return."""
     scaled = scale.shape[0] > 0
-    n_res = 0
     n_away = 0
     n_rows = 0
     for i in range(ids.shape[0]):
-        p = pos[i]
-        if p != 0:
-            res_pos[n_res] = p
-            res_src[n_res] = src[i]
-            if scaled:
-                res_scale[n_res] = scale[i]
-            n_res += 1
-        else:
+        if pos[i] == 0:
             r = ids[i]
             m = row_mark[r]
             if m == 0:
@@ -340,7 +334,7 @@ def split_updates(ids, pos, src, scale, row_mark, res_pos, res_src, res_scale, a
             n_away += 1
     for j in range(n_rows):
         row_mark[away_rows[j]] = 0
-    return n_res, n_away, n_rows
+    return n_away, n_rows
 
 
 # -- row flags (modified-row records and checkpoint snapshots) ---------------------------------

@@ -483,16 +483,22 @@ class SlabWriter:
 
     def _apply_resident(self, pos, src, scale, g) -> None:
         """The optimizer on resident slab rows: contribution i is ``scale[i] * g[src[i]]``
-        (scale empty: 1) to position ``pos[i]``; duplicates summed first, rows flagged dirty and
+        (scale empty: 1) to position ``pos[i]``; contributions at position 0 (rows not
+        resident) are skipped; duplicates summed first, rows flagged dirty and
         modified after their update. Fused numba kernel for float32 slabs (its packed sort
         keys need positions below 2**31 and fewer than 2**32 contributions), torch otherwise."""
         if not self._fused_update(pos, src, scale, g, self.weights, self.state, self.dirty,
-                                  self.modified):
+                                  self.modified, first=1):
+            keep = pos != 0
+            if not keep.all():
+                pos, src = pos[keep], src[keep]
+                scale = scale[keep] if len(scale) else scale
             self._apply_resident_torch(pos, src, scale, g)
 
-    def _fused_update(self, pos, src, scale, g, w, state, dirty, modified) -> bool:
+    def _fused_update(self, pos, src, scale, g, w, state, dirty, modified, first=0) -> bool:
         """The fused kernel (kernels.apply_rows) on rows ``pos`` of the slab ``w``/``state``
-        (flags ``dirty``/``modified`` set per updated row); False, with nothing done, where
+        (flags ``dirty``/``modified`` set per updated row; positions below ``first``
+        skipped); False, with nothing done, where
         it does not apply: float32 slabs only, and its packed sort keys need positions below
         2**31 and fewer than 2**32 contributions."""
         kind = _KERNEL_KIND.get(type(self.spec.optimizer))
@@ -502,7 +508,7 @@ class SlabWriter:
         opt = self.spec.optimizer
         kernels.apply_rows(kind, pos, src, scale, g, w, state, dirty, modified, opt.lr,
                            getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._scratch(len(pos)))
+                           self._scratch(len(pos)), first)
         return True
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
@@ -583,6 +589,12 @@ class DDRCache(SlabWriter):
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
         self._init_scratch()
+        #: bumped whenever a row enters or leaves the slab: positions read at an epoch stay
+        #: valid while it lasts (a batch's positions are reused from its fast-path gather and
+        #: by its backward)
+        self._epoch = 0
+        self._gathered: tuple[int, int, int, np.ndarray] | None = None
+        self._resolved: tuple[np.ndarray, np.ndarray, int] | None = None
         self._rows = RowMarks(spec.num_rows, spec.id_space == "dense")
         #: the copy-on-write snapshot in progress (a checkpoint being written), if any
         self.cow: CowSnapshot | None = None
@@ -643,8 +655,15 @@ class DDRCache(SlabWriter):
         if self.full_table:
             if identity_positions(ids.numpy(), self.spec.num_rows, pos) != IN_RANGE:
                 return None
-        elif kernels.gather_positions(ids.numpy(), self._dense, pos) != kernels.ALL_RESIDENT:
-            return None
+        else:
+            ids_np = ids.numpy()
+            status = kernels.gather_positions(ids_np, self._dense, pos)
+            if status != kernels.ALL_RESIDENT:
+                # resolve() of this batch, called next, starts from these positions
+                self._gathered = ((ids_np.ctypes.data, n, self._epoch, pos)
+                                  if status == kernels.SOME_MISSING else None)
+                return None
+        self._gathered = None
         self._record_all_hits(pos)
         return torch.from_numpy(pos)
 
@@ -663,7 +682,7 @@ class DDRCache(SlabWriter):
         from the returned Bypass) and the bypass rows, if any. Counts lookups/hits/misses with
         first-occurrence semantics: a distinct missing row is one miss however often it appears.
         """
-        pos = self.positions(ids)
+        pos = self._gathered_positions(ids)
         n = len(ids)
         m = self._rows.split_misses(ids, pos, self._mark, self._track_hits)
         self.counters["lookups"] += n
@@ -672,17 +691,43 @@ class DDRCache(SlabWriter):
         if not len(m.rows):
             if len(m.hit_slots):
                 self.policy.access(m.hit_slots, _EMPTY)
+            self._remember_positions(ids, pos)
             return pos, None
         adm = self.policy.access(m.hit_slots, m.rows)
         self._admit(m.rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
         got = self.positions(m.rows)
         pos[m.at] = got[m.where]
+        self._remember_positions(ids, pos)
         rest = m.rows[~adm.admit]
         if len(rest) == 0:
             return pos, None
         self.counters["bypassed"] += len(rest)
         w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s, *bypass_map(got, m.where, m.at))
+
+    def _gathered_positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids``: those :meth:`resident_positions` just gathered for this very
+        batch (same buffer and length, no admission or eviction since), else read now."""
+        saved, self._gathered = self._gathered, None
+        if (saved is not None and saved[0] == ids.ctypes.data and saved[1] == len(ids)
+                and saved[2] == self._epoch):
+            return saved[3]
+        return self.positions(ids)
+
+    def _remember_positions(self, ids: np.ndarray, pos: np.ndarray) -> None:
+        """Keep a resolved batch's positions for its backward (:meth:`_batch_positions`)."""
+        if self._dense is not None and not self.full_table:
+            self._resolved = (ids.copy(), pos, self._epoch)
+
+    def _batch_positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids``: the last resolved batch's when ``ids`` equal its ids and no
+        row was admitted or evicted since (a backward after its forward: one sequential
+        compare instead of a random gather from the index), else read now."""
+        saved = self._resolved
+        if (saved is not None and saved[2] == self._epoch and len(saved[0]) == len(ids)
+                and np.array_equal(saved[0], ids)):
+            return saved[1]
+        return self.positions(ids)
 
     def count_distinct_rows(self, rows: np.ndarray) -> int:
         """How many distinct ids ``rows`` (int64, in range) holds: one linear pass with the
@@ -727,6 +772,7 @@ class DDRCache(SlabWriter):
         self.row_of_pos[pos] = rows
         self.dirty[pos] = 0
         self.index.put(rows, pos)
+        self._epoch += 1
         self.resident += len(rows)
 
     def _evict(self, pos: np.ndarray, rows: np.ndarray) -> None:
@@ -737,6 +783,7 @@ class DDRCache(SlabWriter):
             self.counters["writebacks"] += len(dp)
         self._fold_modified(pos, rows)
         self.index.remove(rows)
+        self._epoch += 1
         self.row_of_pos[pos] = -1
         self.counters["evictions"] += len(rows)
 
@@ -761,18 +808,17 @@ class DDRCache(SlabWriter):
         cow = self.cow
         if cow is not None:
             cow.copy_before_write(ids)
-        pos = self.positions(ids)
+        pos = self._batch_positions(ids)
         g = grad.detach().to(torch.float32).contiguous().numpy()
         if scale is None:
             scale = np.empty(0, dtype=np.float32)
         if self.full_table:  # every row resident
             self._apply_resident(pos, src, scale, g)
             return
-        u = self._rows.split_updates(ids, pos, src, scale)
-        if len(u.away_rows):
-            self._apply_on_scm(u.away_rows, u.away_at, u.away_src, u.away_scale, g)
-        if len(u.pos):
-            self._apply_resident(u.pos, u.src, u.scale, g)
+        away = self._rows.away_updates(ids, pos, src, scale)
+        if len(away.rows):
+            self._apply_on_scm(away.rows, away.at, away.src, away.scale, g)
+        self._apply_resident(pos, src, scale, g)
 
     def _apply_on_scm(self, rows, at, src, scale, g) -> None:
         """The optimizer on ``rows`` (distinct, not resident; contribution i goes to

@@ -29,16 +29,13 @@ class Misses(NamedTuple):
     hit_slots: np.ndarray  # int64: distinct slots hit, first-occurrence order (if tracked)
 
 
-class Updates(NamedTuple):
-    """A batch's update contributions split by residency (:meth:`RowMarks.split_updates`)."""
+class AwayUpdates(NamedTuple):
+    """A batch's update contributions to rows not resident (:meth:`RowMarks.away_updates`)."""
 
-    pos: np.ndarray  # resident contributions: slab position, gradient row, scale
-    src: np.ndarray
-    scale: np.ndarray
-    away_rows: np.ndarray  # distinct ids not resident, first-occurrence order
-    away_at: np.ndarray  # their contributions: index in away_rows, gradient row, scale
-    away_src: np.ndarray
-    away_scale: np.ndarray
+    rows: np.ndarray  # int64: distinct ids not resident, first-occurrence order
+    at: np.ndarray  # int64: per contribution, its row's index in ``rows``
+    src: np.ndarray  # int64: per contribution, its gradient row
+    scale: np.ndarray  # float32: per contribution, its scale (empty: 1)
 
 
 class RowMarks:
@@ -84,25 +81,19 @@ class RowMarks:
                                                    at, rows, where, hits)
         return Misses(at[:n_at], rows[:n_rows], where[:n_at], hits[:n_hit])
 
-    def split_updates(self, ids: np.ndarray, pos: np.ndarray, src: np.ndarray,
-                      scale: np.ndarray) -> Updates:
-        """Split update contributions (``scale[i] * grad[src[i]]`` to id ``ids[i]`` at slab
-        position ``pos[i]``, 0 = not resident; ``scale`` float32, empty for 1) into resident
-        ones and those of rows not resident, listed by distinct row (first occurrence)."""
+    def away_updates(self, ids: np.ndarray, pos: np.ndarray, src: np.ndarray,
+                     scale: np.ndarray) -> AwayUpdates:
+        """The update contributions (``scale[i] * grad[src[i]]`` to id ``ids[i]`` at slab
+        position ``pos[i]``; ``scale`` float32, empty for 1) whose position is 0 (not
+        resident), listed by distinct row in first-occurrence order."""
         if self._mark is None:
             away = pos == 0
-            keep = ~away
             rows, at = self.first_occurrence(ids[away])
-            sc = scale if not len(scale) else scale[keep]
-            away_sc = scale if not len(scale) else scale[away]
-            return Updates(pos[keep], src[keep], sc, rows, at, src[away], away_sc)
+            return AwayUpdates(rows, at, src[away], scale[away] if len(scale) else scale)
         n = len(ids)
-        res_pos, res_src, rows, at, away_src = (np.empty(n, dtype=np.int64) for _ in range(5))
-        k = n if len(scale) else 0
-        res_sc, away_sc = np.empty(k, dtype=np.float32), np.empty(k, dtype=np.float32)
-        n_res, n_away, n_rows = kernels.split_updates(ids, pos, src, scale, self._mark, res_pos,
-                                                      res_src, res_sc, rows, at, away_src,
-                                                      away_sc)
-        k_res, k_away = (n_res, n_away) if len(scale) else (0, 0)
-        return Updates(res_pos[:n_res], res_src[:n_res], res_sc[:k_res], rows[:n_rows],
-                       at[:n_away], away_src[:n_away], away_sc[:k_away])
+        rows, at, away_src = (np.empty(n, dtype=np.int64) for _ in range(3))
+        away_sc = np.empty(n if len(scale) else 0, dtype=np.float32)
+        n_away, n_rows = kernels.away_updates(ids, pos, src, scale, self._mark, rows, at,
+                                              away_src, away_sc)
+        return AwayUpdates(rows[:n_rows], at[:n_away], away_src[:n_away],
+                           away_sc[:n_away] if len(scale) else away_sc)

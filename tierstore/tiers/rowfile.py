@@ -310,17 +310,16 @@ class RowFile:
         """Start the background write of records ``rec`` (private) to ``rows``."""
         rows = np.array(rows, dtype=np.int64)  # a private copy: the caller may reuse its array
         self.wait()  # (packing above overlapped the previous write)
-        flag = self.layout.flag_offset
-        newly = int((self.records[rows, flag] == 0).sum())
-        count = self.written + newly
-        self.written = count
         self.generation += 1
-        job = _background().submit(self._commit, rows, rec, count)
+        job = _background().submit(self._commit, rows, rec)
         with self._lock:
             self._pending = (job, rows if self.spec.num_rows <= _MASK_ROWS else np.sort(rows))
 
-    def _commit(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
-        """Journal, scatter and disarm one write (the background thread)."""
+    def _commit(self, rows: np.ndarray, rec: np.ndarray) -> None:
+        """Count the rows written for the first time, then journal, scatter and disarm one
+        write (the background thread; ``written`` is updated here, the file's one pending
+        write being the only writer of it meanwhile)."""
+        count = self.written + int((self.records[rows, self.layout.flag_offset] == 0).sum())
         # payload = ids, records, count: written from the arrays' own buffers (no joined copy)
         parts = (memoryview(rows).cast("B"), memoryview(rec).cast("B"), struct.pack("<Q", count))
         crc = 0
@@ -331,6 +330,7 @@ class RowFile:
         if os.pwritev(self.jfd, (head, *parts), 0) != len(head) + size:
             raise OSError(f"{self.journal_path}: short journal write")
         self._apply(rows, rec, count)
+        self.written = count
         os.pwrite(self.jfd, b"\0" * 8, 0)  # journal record applied: disarm it
 
     def written_rows(self) -> np.ndarray:
@@ -452,6 +452,8 @@ class RowFile:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def rows_written(self) -> int:
+        """How many rows have ever been written (after the pending write)."""
+        self.wait()
         return self.written
 
     def disk_bytes(self) -> int:
