@@ -72,11 +72,13 @@ def _pooled_with_bypass(weights, pos, off, mode, psw, rows, bypass) -> torch.Ten
                           include_last_offset=True)
     off_np = off.numpy()
     where, k = bypass.positions(rows.numpy(), pos.numpy())
-    bag = torch.from_numpy(np.searchsorted(off_np, where, side="right") - 1)
-    contrib = torch.from_numpy(bypass.w[k]).to(out.dtype)
-    if psw is not None:
-        contrib = contrib * psw[torch.from_numpy(where)].unsqueeze(1).to(out.dtype)
-    out.index_add_(0, bag, contrib)
+    # the bypass rows pooled per bag by a second embedding_bag over the rows read from SCM:
+    # ``where`` is ascending, so bag b's entries are where[side_off[b]:side_off[b + 1]]
+    side_off = torch.from_numpy(np.searchsorted(where, off_np))
+    side_w = torch.from_numpy(bypass.w)
+    side_psw = None if psw is None else psw[torch.from_numpy(where)].to(side_w.dtype)
+    out += F.embedding_bag(torch.from_numpy(k), side_w, side_off, mode="sum",
+                           per_sample_weights=side_psw, include_last_offset=True).to(out.dtype)
     if mode == "mean":
         lengths = torch.from_numpy(np.diff(off_np)).clamp(min=1).unsqueeze(1)
         out = out / lengths.to(out.dtype)

@@ -77,7 +77,8 @@ class Bypass:
     k: np.ndarray | None = None
 
     def positions(self, ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(positions in the batch that read a bypass row, index of that row in self.rows)."""
+        """(positions in the batch that read a bypass row, ascending; index of that row in
+        self.rows)."""
         if self.where is not None:
             return self.where, self.k
         where = np.flatnonzero(pos == 0)
