@@ -42,7 +42,7 @@ import numpy as np
 
 from tierstore.config import RowLayout, TableSpec
 from tierstore.errors import CorruptStore
-from tierstore.optim.kernels import PREFETCH_DISTANCE, _prefetch
+from tierstore.optim.kernels import PREFETCH_DISTANCE, _prefetch, _prefetch_row
 from tierstore.rowinit import initial_rows
 
 MAGIC = b"TSROWS01"
@@ -153,7 +153,12 @@ def _pack_slots(w_in, s_in, pos, soff, flag, rec):  # pragma: no cover
     """Records (written flag set, padding zero) of slab rows ``pos`` into ``rec`` (uint8
     [len(pos), record_bytes]); w_in, s_in: uint8 views of the weights and state slabs."""
     wb, sb = w_in.shape[1], s_in.shape[1]
-    for i in range(pos.shape[0]):
+    n = pos.shape[0]
+    for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            q = pos[i + PREFETCH_DISTANCE]
+            _prefetch_row(w_in, q)
+            _prefetch(s_in, (q, 0))
         p = pos[i]
         out = rec[i]
         for b in range(wb):
