@@ -25,7 +25,7 @@ def _first_occurrence(values):
 @pytest.mark.parametrize("track_hits", [True, False])
 def test_split_misses_matches_numpy(dense, track_hits):
     ids, pos, rows, slots = _batch(1)
-    mark = np.full(slots + 1, -1, dtype=np.int64)
+    mark = np.zeros(slots + 1, dtype=np.uint8)
     m = RowMarks(rows, dense).split_misses(ids, pos, mark, track_hits)
     at = np.flatnonzero(pos == 0)
     np.testing.assert_array_equal(m.at, at)
@@ -33,7 +33,7 @@ def test_split_misses_matches_numpy(dense, track_hits):
     np.testing.assert_array_equal(m.rows[m.where], ids[at])
     hits = _first_occurrence(pos[pos > 0]) - 1 if track_hits else np.empty(0)
     np.testing.assert_array_equal(m.hit_slots, hits)
-    assert (mark == -1).all()  # scratch left as found
+    assert not mark.any()  # scratch left as found
     again = RowMarks(rows, dense).split_misses(ids, pos, mark, track_hits)
     np.testing.assert_array_equal(again.rows, m.rows)
 

@@ -1,31 +1,41 @@
 """VictimPool: the smallest-key member slots, exact against a brute-force sort, on both of its
-rebuild paths (numba radix for unique keys, argpartition + argsort otherwise)."""
+rebuild paths (the owner's ordered members, as recency stamps give them; argpartition +
+argsort of all keys otherwise)."""
 
 import numpy as np
 import pytest
 
-from tierstore.cache.slots import INT64_MAX, Stamps, VictimPool, _members_by_key
+from tierstore.cache.slots import INT64_MAX, Stamps, VictimPool, stamp_order
 
 
-def test_members_by_key_sorts_members_and_skips_absent():
+def test_stamp_order_sorts_the_segment_by_stamp():
     rng = np.random.default_rng(0)
-    keys = rng.permutation(50_000).astype(np.int64) * 3 + 7
-    keys[rng.random(len(keys)) < 0.3] = INT64_MAX
-    slots, ordered = _members_by_key(keys, INT64_MAX)
-    members = np.flatnonzero(keys != INT64_MAX)
-    expect = members[np.argsort(keys[members], kind="stable")]
-    np.testing.assert_array_equal(slots, expect)
-    np.testing.assert_array_equal(ordered, keys[expect])
-    assert len(_members_by_key(np.full(4, INT64_MAX, dtype=np.int64), INT64_MAX)[0]) == 0
+    n = 50_000
+    stamps = rng.permutation(n).astype(np.int32) * 3 + 7
+    stamps[rng.random(n) < 0.2] = -1  # free slots
+    seg = rng.integers(1, 4, n).astype(np.uint8)
+    blocked = rng.random(n) < 0.1
+    for segment, segs in ((2, seg), (0, np.empty(0, np.uint8))):
+        slots, keys, n_blocked = stamp_order(stamps, segs, segment, blocked)
+        members = np.flatnonzero((stamps >= 0) & ((seg == segment) if len(segs) else True))
+        expect = members[np.argsort(stamps[members], kind="stable")]
+        np.testing.assert_array_equal(slots, expect)
+        np.testing.assert_array_equal(keys, stamps[expect])
+        assert n_blocked == blocked[members].sum()
+    none = stamp_order(np.full(4, -1, np.int32), np.empty(0, np.uint8), 0, np.zeros(4, bool))
+    assert len(none[0]) == 0 and none[2] == 0
 
 
 class _Segments:
     """Recency-stamped slots in two segments, as the adaptive policy keeps them."""
 
-    def __init__(self, capacity: int, unique_keys: bool, target: int) -> None:
+    def __init__(self, capacity: int, ordered: bool, target: int) -> None:
         self.seg = np.zeros(capacity, dtype=np.uint8)
         self.stamps = Stamps(capacity)
-        self.pool = VictimPool(self.key_of, self.all_keys, target, unique_keys=unique_keys)
+        self.pool = VictimPool(
+            self.key_of, None if ordered else self.all_keys, target,
+            ordered_members=(lambda b: stamp_order(self.stamps.values, self.seg, 1, b))
+            if ordered else None)
 
     def key_of(self, slots):
         return self.stamps.values[slots]
@@ -44,11 +54,11 @@ class _Segments:
         return members[np.argsort(self.stamps.values[members], kind="stable")][:m]
 
 
-@pytest.mark.parametrize("unique_keys", [True, False])
-def test_pool_serves_the_oldest_members_exactly(unique_keys):
+@pytest.mark.parametrize("ordered", [True, False])
+def test_pool_serves_the_oldest_members_exactly(ordered):
     rng = np.random.default_rng(1)
     cap = 3000
-    s = _Segments(cap, unique_keys, target=40)
+    s = _Segments(cap, ordered, target=40)
     s.place(np.arange(cap), 1)
     for _ in range(300):
         k = int(rng.integers(1, 400))

@@ -44,7 +44,6 @@ from .base import Admission, CachePolicy
 from .sketch import CountMinSketch, GhostLists
 from .slots import (
     EMPTY_SLOTS,
-    INT64_MAX,
     FreeSlots,
     Stamps,
     VictimPool,
@@ -52,6 +51,7 @@ from .slots import (
     as_index,
     default_pool_size,
     pin_for_batch,
+    stamp_order,
     unpin_after_batch,
 )
 
@@ -104,8 +104,8 @@ class AdaptivePolicy(CachePolicy):
         self._free = FreeSlots(c)
         target = pool_size or default_pool_size(c)
         self._pools = {
-            segment: VictimPool(self._stamp_of, self._segment_keys(segment), target,
-                                unique_keys=True)
+            segment: VictimPool(self._stamp_of, None, target,
+                                ordered_members=self._segment_order(segment))
             for segment in (WINDOW, PROBATION, PROTECTED)
         }
         self._sketch = CountMinSketch(width=math.ceil(sketch_width * c), sample=sample * c)
@@ -205,11 +205,11 @@ class AdaptivePolicy(CachePolicy):
     def _stamp_of(self, slots: np.ndarray) -> np.ndarray:
         return self._stamps.values[slots]
 
-    def _segment_keys(self, segment: int):
-        def keys() -> np.ndarray:
-            return np.where(self._seg == segment, self._stamps.values.astype(np.int64), INT64_MAX)
+    def _segment_order(self, segment: int):
+        def ordered(blocked: np.ndarray):
+            return stamp_order(self._stamps.values, self._seg, segment, blocked)
 
-        return keys
+        return ordered
 
     def _place(self, slots: np.ndarray, segment: int) -> None:
         """Make ``slots`` the most recent rows of ``segment`` (moving them from wherever)."""

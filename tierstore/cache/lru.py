@@ -7,7 +7,6 @@ import numpy as np
 from .base import Admission, CachePolicy
 from .slots import (
     EMPTY_SLOTS,
-    INT64_MAX,
     FreeSlots,
     Stamps,
     VictimPool,
@@ -15,8 +14,11 @@ from .slots import (
     as_index,
     default_pool_size,
     pin_for_batch,
+    stamp_order,
     unpin_after_batch,
 )
+
+_NO_SEGMENTS = np.empty(0, dtype=np.uint8)
 
 
 class LRUPolicy(CachePolicy):
@@ -35,18 +37,14 @@ class LRUPolicy(CachePolicy):
         self._stamps = Stamps(self.capacity)
         self._free = FreeSlots(self.capacity)
         self._pool = VictimPool(
-            self._key_of, self._all_keys, pool_size or default_pool_size(self.capacity),
-            unique_keys=True,
+            self._key_of, None, pool_size or default_pool_size(self.capacity),
+            ordered_members=lambda blocked: stamp_order(self._stamps.values, _NO_SEGMENTS, 0,
+                                                        blocked),
         )
 
-    # -- keys for the victim pool: the stamp itself (free slots are not members) --
+    # -- the victim pool's key: the stamp itself (free slots are not members) --
     def _key_of(self, slots: np.ndarray) -> np.ndarray:
         return self._stamps.values[slots]
-
-    def _all_keys(self) -> np.ndarray:
-        keys = self._stamps.values.astype(np.int64)
-        keys[keys < 0] = INT64_MAX
-        return keys
 
     def _touch(self, slots: np.ndarray) -> None:
         if self._stamps.touch(slots):

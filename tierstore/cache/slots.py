@@ -166,9 +166,11 @@ class VictimPool:
       positions have this property), so a pool entry is *valid* exactly when its stored key
       still equals ``key_of(slot)``.
     - ``all_keys()``: int64[capacity] with the key of every member slot and ``INT64_MAX`` for
-      non-members (free slots, other segments).
-    - ``unique_keys``: True when no two members (and no stale snapshot entry and a member)
-      ever share a key, as with recency stamps; rebuilds then take a faster exact path.
+      non-members (free slots, other segments); None when ``ordered_members`` is given.
+    - ``ordered_members(blocked)`` (optional): every member slot sorted by key, their keys,
+      and how many of them are ``blocked``. Owners whose members never share a key (recency
+      stamps: :func:`stamp_order`) give it, so a rebuild is one numba pass and a radix sort;
+      any correct sort of unique keys is the order argpartition + stable argsort would give.
 
     The pool holds a sorted snapshot of at least ``target`` smallest member keys and a
     ``threshold`` such that every member slot not in the snapshot (with its current key) has a
@@ -184,17 +186,16 @@ class VictimPool:
     def __init__(
         self,
         key_of: Callable[[np.ndarray], np.ndarray],
-        all_keys: Callable[[], np.ndarray],
+        all_keys: Callable[[], np.ndarray] | None,
         target: int,
         *,
-        unique_keys: bool = False,
+        ordered_members: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, int]]
+        | None = None,
     ) -> None:
         self._key_of = key_of
         self._all_keys = all_keys
         self.target = max(1, int(target))
-        #: no two members ever share a key (recency stamps): rebuilds sort in numba, because
-        #: any correct sort then gives the one order argpartition + stable argsort gives
-        self.unique_keys = bool(unique_keys)
+        self._ordered_members = ordered_members
         self.rebuilds = 0
         self.invalidate()
 
@@ -315,18 +316,20 @@ class VictimPool:
         self._head, self._tail = 0, len(slots)
 
     def _rebuild(self, m: int, blocked: np.ndarray) -> None:
+        self._fresh = True
+        self.rebuilds += 1
+        if self._ordered_members is not None:
+            ordered, ordered_keys, n_blocked = self._ordered_members(blocked)
+            size = min(max(self.target, 2 * m) + n_blocked, len(ordered))
+            self._threshold = int(ordered_keys[size]) if size < len(ordered) else INT64_MAX
+            self._store(ordered[:size], ordered_keys[:size])
+            return
+        assert self._all_keys is not None
         keys = np.asarray(self._all_keys(), dtype=np.int64)
         member = keys != INT64_MAX
         n_members = int(np.count_nonzero(member))
         n_blocked = int(np.count_nonzero(blocked & member))
         size = min(max(self.target, 2 * m) + n_blocked, n_members)
-        if self.unique_keys:
-            ordered, ordered_keys = _members_by_key(keys, INT64_MAX)
-            self._threshold = int(ordered_keys[size]) if size < n_members else INT64_MAX
-            self._store(ordered[:size], ordered_keys[:size])
-            self._fresh = True
-            self.rebuilds += 1
-            return
         if size < len(keys):
             part = np.argpartition(keys, size)
             chosen = part[:size]
@@ -336,8 +339,6 @@ class VictimPool:
             self._threshold = INT64_MAX
         chosen = chosen[np.argsort(keys[chosen], kind="stable")]
         self._store(chosen, keys[chosen])
-        self._fresh = True
-        self.rebuilds += 1
 
     @property
     def nbytes(self) -> int:
@@ -345,52 +346,49 @@ class VictimPool:
 
 
 @numba.njit(nogil=True, cache=True)
-def _members_by_key(keys, absent):
-    """(slots, keys) of the entries of ``keys`` other than ``absent``, sorted by key (stable
-    LSD radix sort on key - min, 11 bits per pass; O(len(keys)))."""
+def stamp_order(stamps, seg, segment, blocked):
+    """(slots, stamps, how many blocked) of the occupied slots (stamp >= 0) whose ``seg`` is
+    ``segment`` (every occupied slot if ``seg`` is empty), sorted by stamp: a stable LSD radix
+    sort on stamp - min, 11 bits per pass; O(len(stamps)). ``blocked``: bool per slot."""
     n = 0
-    lo = absent
-    hi = -absent - 1
-    for i in range(keys.shape[0]):
-        k = keys[i]
-        if k != absent:
+    n_blocked = 0
+    lo = np.int64(2**62)
+    hi = np.int64(-1)
+    every = seg.shape[0] == 0
+    for i in range(stamps.shape[0]):
+        if stamps[i] >= 0 and (every or seg[i] == segment):
             n += 1
-            lo = min(lo, k)
-            hi = max(hi, k)
+            n_blocked += blocked[i]
+            lo = min(lo, np.int64(stamps[i]))
+            hi = max(hi, np.int64(stamps[i]))
     a = np.empty(n, dtype=np.int64)
     j = 0
-    for i in range(keys.shape[0]):
-        if keys[i] != absent:
+    for i in range(stamps.shape[0]):
+        if stamps[i] >= 0 and (every or seg[i] == segment):
             a[j] = i
             j += 1
-    if n < 2:
-        out_keys = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            out_keys[i] = keys[a[i]]
-        return a, out_keys
-    span = np.uint64(hi - lo)
     b = np.empty(n, dtype=np.int64)
     hist = np.empty(2048, dtype=np.int64)
-    shift = np.uint64(0)
-    while shift < 64 and (span >> shift) > 0:
+    shift = 0
+    while n > 1 and shift < 63 and ((hi - lo) >> shift) > 0:
         hist[:] = 0
         for i in range(n):
-            hist[(np.uint64(keys[a[i]] - lo) >> shift) & np.uint64(2047)] += 1
+            hist[((stamps[a[i]] - lo) >> shift) & 2047] += 1
         t = 0
         for c in range(2048):
             h = hist[c]
             hist[c] = t
             t += h
         for i in range(n):
-            c = (np.uint64(keys[a[i]] - lo) >> shift) & np.uint64(2047)
+            c = ((stamps[a[i]] - lo) >> shift) & 2047
             b[hist[c]] = a[i]
             hist[c] += 1
         a, b = b, a
-        shift += np.uint64(11)
-    out_keys = np.empty(n, dtype=np.int64)
+        shift += 11
+    keys = np.empty(n, dtype=np.int64)
     for i in range(n):
-        out_keys[i] = keys[a[i]]
-    return a, out_keys
+        keys[i] = stamps[a[i]]
+    return a, keys, n_blocked
 
 
 def pin_for_batch(pinned: np.ndarray, slots: np.ndarray) -> np.ndarray:

@@ -476,7 +476,8 @@ class SlabWriter:
     modified: np.ndarray
 
     def _init_scratch(self) -> None:
-        self._mark = np.full(self.weights.shape[0], -1, dtype=np.int64)
+        #: a byte per slab position, zero between calls (distinct positions of a batch)
+        self._mark = np.zeros(self.weights.shape[0], dtype=np.uint8)
         #: the fused kernel's sort buffers (two int64 per contribution), reused between calls
         self._keys = np.empty(0, dtype=np.int64)
         #: True: fused numba kernels on float32 tables; False: the plain torch path.
