@@ -41,3 +41,18 @@ def test_shared_counter_raised_once_per_batch_and_saturates():
     for _ in range(40):
         s.increment(row)
     assert s.estimate(row[:1])[0] == 15
+
+
+def test_batch_estimate_is_the_smallest_counter():
+    rng = np.random.default_rng(5)
+    s = CountMinSketch(500, 10**9)
+    for _ in range(30):
+        s.increment(rng.integers(0, 3000, 400))
+    rows = rng.integers(0, 3000, 1000)
+    counter = ((row_hashes(rows)[:SKETCH_HASHES] * np.uint64(s.width)) >> np.uint64(32)) \
+        .astype(np.int64) + (np.arange(SKETCH_HASHES) * s.width)[:, None]
+    want = ((s._table[counter >> 1] >> ((counter & 1) << 2)) & 15).min(axis=0)
+    got = s.estimate(rows)
+    np.testing.assert_array_equal(got, want)
+    assert [s.estimate_one(r) for r in rows[:50]] == got[:50].tolist()
+    assert got.max() > 0

@@ -3,9 +3,9 @@
 Both are indexed by hashes of row ids, so their size depends on the cache capacity, not on the
 table size. Hashing is multiply-shift (Dietzfelbinger): for an odd 64-bit multiplier ``a`` the
 high 32 bits of ``a * row mod 2**64`` are a universal hash of ``row``; each structure uses its
-own multipliers. Batches go through numba kernels (estimates through numpy, :func:`row_hashes`);
-a single row takes a scalar Python path with the same hashes, because the per-call overhead of
-either dominates at batch size 1.
+own multipliers (:func:`row_hashes` states them in numpy). Batches go through numba kernels; a
+single row takes a scalar Python path with the same hashes, because the per-call overhead of a
+kernel dominates at batch size 1.
 """
 
 from __future__ import annotations
@@ -46,16 +46,12 @@ def _keys(rows: np.ndarray) -> np.ndarray:
 
 
 def _positions_one(row: int, first: int, count: int, width: int) -> list[int]:
-    """Scalar twin of ``_reduce(row_hashes([row])[first:first+count], width)`` for one row."""
+    """Hashes ``first .. first+count-1`` of one row, each mapped onto ``0..width-1`` without
+    modulo bias (``hash * width >> 32``), as the batch kernels map them."""
     return [
         ((((row * a) & _MASK64) >> 32) * width) >> 32
         for a in _MULTIPLIER_INTS[first : first + count]
     ]
-
-
-def _reduce(hashes: np.ndarray, width: int) -> np.ndarray:
-    """Map 32-bit hashes onto ``0..width-1`` without modulo bias (``hash * width >> 32``)."""
-    return ((hashes * np.uint64(width)) >> _SHIFT32).astype(np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -88,6 +84,20 @@ def _increment_batch(table, keys, multipliers, width, max_count, seen):
         for j in range(h):
             c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
             seen[(c + j * width) >> 3] = 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _estimate_batch(table, keys, multipliers, width, out):
+    """CountMinSketch.estimate of a batch: out[i] = the smallest of row i's counters."""
+    w = np.uint64(width)
+    for i in range(keys.shape[0]):
+        low = np.uint8(15)
+        for j in range(multipliers.shape[0]):
+            c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
+            c += j * width
+            v = (table[c >> 1] >> np.uint8((c & 1) << 2)) & np.uint8(15)
+            low = min(low, v)
+        out[i] = low
 
 
 @numba.njit(nogil=True, cache=True)
@@ -131,7 +141,6 @@ class CountMinSketch:
     def __init__(self, width: int, sample: int) -> None:
         self.width = max(2, int(width) + int(width) % 2)
         self.sample = max(1, int(sample))
-        self._offsets = (np.arange(SKETCH_HASHES, dtype=np.int64) * self.width)[:, None]
         # One buffer, two views: numpy for batches, the bytearray for single rows (faster).
         self._bytes = bytearray(SKETCH_HASHES * self.width // 2)
         self._table = np.frombuffer(self._bytes, dtype=np.uint8)
@@ -143,18 +152,15 @@ class CountMinSketch:
         self._table.fill(0)
         self.additions = 0
 
-    def _nibbles(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        counter = _reduce(hashes[:SKETCH_HASHES], self.width) + self._offsets
-        return counter >> 1, (counter & 1) << 2  # byte index, bit shift of the nibble
-
     def _counters_one(self, row: int) -> list[int]:
         counters = _positions_one(row, 0, SKETCH_HASHES, self.width)
         return [c + i * self.width for i, c in enumerate(counters)]
 
     def estimate(self, rows: np.ndarray) -> np.ndarray:
         """int array[n]: estimated recent frequency of each row."""
-        byte, shift = self._nibbles(row_hashes(rows))
-        return ((self._table[byte] >> shift) & self.MAX_COUNT).min(axis=0)
+        out = np.empty(len(rows), dtype=np.uint8)
+        _estimate_batch(self._table, _keys(rows), _SKETCH_MULTIPLIERS, self.width, out)
+        return out
 
     def estimate_one(self, row: int) -> int:
         """:meth:`estimate` of a single row, as a Python int."""
