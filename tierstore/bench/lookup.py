@@ -106,21 +106,32 @@ def _train_vs_fbgemm(path: str, T: int, rows: int, dim: int, batches: list[Batch
     store = _tierstore(path, T, rows, dim, 1.0, policy)
     fns: dict[str, Callable[[int], object]] = {"tierstore": _train_step(store, T, batches, grad)}
     if fbgemm_available():
-        tbe = _fbgemm(T, rows, dim)
-        inputs = [_fbgemm_input(b) for b in batches]
-        g = grad.repeat(1, T)
-
-        def fb_step(i: int) -> None:
-            tbe(*inputs[i % len(inputs)]).backward(g)
-        fns["fbgemm_tbe"] = fb_step
+        fns["fbgemm_tbe"] = _fbgemm_train_step(T, rows, dim, batches, grad)
     for i in range(len(batches)):  # warm: load the rows, page in the tables, compile
         for fn in fns.values():
             fn(i)
     out = interleaved(fns, repeats)
     store.close()
+    # Free the TBE (its tables and optimizer state, GBs at 8 x 1M) before the next measurement:
+    # kept alive, it lowers the kernel's dirty threshold, which decides how the 10%-DRAM
+    # store writes its row files (tiers/rowfile.py), and measures that store in a machine
+    # with less free memory than the job it stands for.
+    fns.clear()
     del store, fns
     gc.collect()
     return out
+
+
+def _fbgemm_train_step(T: int, rows: int, dim: int, batches: list[Batch],
+                       grad: torch.Tensor) -> Callable[[int], None]:
+    """Step i of FBGEMM's TBE (EXACT_ROWWISE_ADAGRAD) on batch i: forward + backward."""
+    tbe = _fbgemm(T, rows, dim)
+    inputs = [_fbgemm_input(b) for b in batches]
+    g = grad.repeat(1, T)
+
+    def fb_step(i: int) -> None:
+        tbe(*inputs[i % len(inputs)]).backward(g)
+    return fb_step
 
 
 def _train_fraction(path: str, T: int, rows: int, dim: int, batches: list[Batch],

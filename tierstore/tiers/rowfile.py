@@ -83,9 +83,9 @@ _open_bytes = [0]
 _threshold = {"at": -1e9, "bytes": 0}
 
 
-def _dirty_background_bytes(max_age: float = 10.0) -> int:
+def _dirty_background_bytes(max_age: float = 1.0) -> int:
     """The kernel's dirty background threshold in bytes (0 where unknown), read from
-    /proc/vmstat at most every ``max_age`` seconds."""
+    /proc/vmstat at most every ``max_age`` seconds (it moves with free memory)."""
     now = time.monotonic()
     if now - _threshold["at"] >= max_age:
         try:
