@@ -25,7 +25,7 @@ def _first_occurrence(values):
 @pytest.mark.parametrize("track_hits", [True, False])
 def test_split_misses_matches_numpy(dense, track_hits):
     ids, pos, rows, slots = _batch(1)
-    mark = np.zeros(slots + 1, dtype=np.uint8)
+    mark = np.zeros((slots + 1 + 7) // 8, dtype=np.uint8)
     m = RowMarks(rows, dense).split_misses(ids, pos, mark, track_hits)
     at = np.flatnonzero(pos == 0)
     np.testing.assert_array_equal(m.at, at)

@@ -29,8 +29,8 @@ oldest window rows, dueled pairwise against the oldest main rows. With batch 1 t
 the per-access algorithm (run by :meth:`AdaptivePolicy._admit_one` for speed).
 
 Memory per cached row, defaults: uint8 segment + int32 stamp per slot (5 bytes); the sketch,
-4 x ``sketch_width`` x capacity 4-bit counters (2 bytes) and a scratch bit per counter (0.5);
-the ghosts, 2 x ``ghost_fraction`` x capacity 16-bit fingerprints (1 byte). The row held by each slot is read from the tier's array
+4 x ``sketch_width`` x capacity 4-bit counters (2 bytes); the ghosts, 2 x ``ghost_fraction`` x
+capacity 16-bit fingerprints (1 byte). The row held by each slot is read from the tier's array
 once :meth:`AdaptivePolicy.bind_rows` is called, else kept here (8 more bytes per slot).
 """
 

@@ -58,10 +58,9 @@ def _positions_one(row: int, first: int, count: int, width: int) -> list[int]:
 def _increment_batch(table, keys, multipliers, width, max_count, seen):
     """CountMinSketch.increment of a batch, with the exact semantics of reading every counter
     of the batch before writing any: a counter shared by several rows of the batch is raised
-    once. ``seen`` (one bit per counter) marks the counters raised so far; it is all zero on
-    entry and on return (cleared whole for big batches, else by a second pass over the
-    batch's counters). No allocation: the batch arrays of the earlier two-pass version
-    page-faulted on every large batch (3x slower)."""
+    once. ``seen`` (one bit per counter, all zero on entry) marks the counters raised so far.
+    The earlier two-pass version's batch arrays (8 bytes per counter touched) page-faulted on
+    every large batch: 3x slower."""
     n = keys.shape[0]
     h = multipliers.shape[0]
     w = np.uint64(width)
@@ -77,13 +76,6 @@ def _increment_batch(table, keys, multipliers, width, max_count, seen):
             v = table[c >> 1]
             if ((v >> shift) & max_count) < max_count:
                 table[c >> 1] = v + (np.uint8(1) << shift)
-    if n * h >= seen.shape[0] // 8:  # a big batch: clearing all bits is cheaper
-        seen[:] = 0
-        return
-    for i in range(n):
-        for j in range(h):
-            c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
-            seen[(c + j * width) >> 3] = 0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -132,8 +124,8 @@ class CountMinSketch:
     is the minimum of them, an over-estimate of how often the id was seen lately. After
     ``sample`` increments all counters are halved (the TinyLFU "reset"), so counts describe the
     last few ``sample`` accesses and the sketch adapts when popularity shifts. Two counters share
-    a byte, so the sketch costs ``2 * width`` bytes, plus ``width / 2`` for a bit per counter
-    that batch increments use as scratch.
+    a byte, so the sketch costs ``2 * width`` bytes (a batch increment borrows a bit per counter
+    for the call).
     """
 
     MAX_COUNT = 15
@@ -144,8 +136,6 @@ class CountMinSketch:
         # One buffer, two views: numpy for batches, the bytearray for single rows (faster).
         self._bytes = bytearray(SKETCH_HASHES * self.width // 2)
         self._table = np.frombuffer(self._bytes, dtype=np.uint8)
-        #: scratch of batch increments: one bit per counter, zero between calls
-        self._seen = np.zeros((SKETCH_HASHES * self.width + 7) // 8, dtype=np.uint8)
         self.additions = 0
 
     def clear(self) -> None:
@@ -173,8 +163,9 @@ class CountMinSketch:
         if n == 1:
             self._increment_one(int(rows[0]))
         elif n > 1:
+            seen = np.zeros((SKETCH_HASHES * self.width + 7) // 8, dtype=np.uint8)
             _increment_batch(self._table, _keys(rows), _SKETCH_MULTIPLIERS, self.width,
-                             np.uint8(self.MAX_COUNT), self._seen)
+                             np.uint8(self.MAX_COUNT), seen)
         self.additions += n
         if self.additions >= self.sample:
             self._halve()
@@ -194,7 +185,7 @@ class CountMinSketch:
 
     @property
     def nbytes(self) -> int:
-        return self._table.nbytes + self._seen.nbytes
+        return self._table.nbytes
 
 
 class GhostLists:

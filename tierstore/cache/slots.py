@@ -196,6 +196,8 @@ class VictimPool:
         self._all_keys = all_keys
         self.target = max(1, int(target))
         self._ordered_members = ordered_members
+        #: snapshot entries: recency pools fit slots and stamps in int32 (half the bytes)
+        self._dtype = np.dtype(np.int32 if ordered_members is not None else np.int64)
         self.rebuilds = 0
         self.invalidate()
 
@@ -225,7 +227,7 @@ class VictimPool:
                 if self._key_of(first) != self._keys[head]:
                     self._head = head + 1
                 elif not blocked[first]:
-                    return self._slots[head : head + 1].copy()
+                    return self._slots[head : head + 1].astype(np.int64)
                 else:
                     break
         rebuilt = False
@@ -238,7 +240,7 @@ class VictimPool:
             hi = min(lo + span, self._tail)
             slots = self._slots[lo:hi]
             valid = self._key_of(slots) == self._keys[lo:hi]
-            picked = slots[valid & ~blocked[slots]][:m]
+            picked = slots[valid & ~blocked[slots]][:m].astype(np.int64)
             if hi > lo and not valid[0]:
                 self._head = lo + (int(np.argmax(valid)) if valid.any() else hi - lo)
             if len(picked) == m:
@@ -309,8 +311,8 @@ class VictimPool:
     def _store(self, slots: np.ndarray, keys: np.ndarray) -> None:
         """Make (slots, keys), sorted by key, the snapshot, with spare room after it."""
         room = len(slots) + max(64, len(slots) // 2)
-        self._slots = np.empty(room, dtype=np.int64)
-        self._keys = np.empty(room, dtype=np.int64)
+        self._slots = np.empty(room, dtype=self._dtype)
+        self._keys = np.empty(room, dtype=self._dtype)
         self._slots[: len(slots)] = slots
         self._keys[: len(keys)] = keys
         self._head, self._tail = 0, len(slots)

@@ -203,17 +203,18 @@ def apply_rows(kind, pos, src, scale, grad, w, state, dirty, modified, lr, eps, 
 
 @numba.njit(**_JIT)
 def distinct_positions(pos, mark, out):
-    """Distinct values of ``pos`` (ints in [0, len(mark))) in first-occurrence order into out;
-    returns how many. ``mark`` (uint8) is all 0 on entry and on return."""
+    """Distinct values of ``pos`` (ints in [0, 8 * len(mark))) in first-occurrence order into
+    out; returns how many. ``mark`` (uint8, a bit per value) is all 0 on entry and on return."""
     u = 0
     for i in range(pos.shape[0]):
         p = pos[i]
-        if mark[p] == 0:
-            mark[p] = 1
+        bit = np.uint8(1) << np.uint8(p & 7)
+        if mark[p >> 3] & bit == 0:
+            mark[p >> 3] |= bit
             out[u] = p
             u += 1
     for j in range(u):
-        mark[out[j]] = 0
+        mark[out[j] >> 3] = 0
     return u
 
 
@@ -278,7 +279,7 @@ def split_misses(ids, pos, row_mark, slot_mark, track_hits, miss_at, miss_rows, 
     policy: ``miss_at`` the batch indices of missing ids; ``miss_rows`` their distinct ids in
     first-occurrence order, ``where`` each missing id's index in them; if ``track_hits``,
     ``hit_slots`` the distinct slots (position - 1) hit, first-occurrence order. Returns the
-    three counts. ``row_mark`` (int32, one per id) and ``slot_mark`` (uint8, one per
+    three counts. ``row_mark`` (int32, one per id) and ``slot_mark`` (uint8, a bit per
     position) are all 0 on entry and on return."""
     n_at = 0
     n_rows = 0
@@ -296,14 +297,14 @@ def split_misses(ids, pos, row_mark, slot_mark, track_hits, miss_at, miss_rows, 
             miss_at[n_at] = i
             where[n_at] = m - 1
             n_at += 1
-        elif track_hits and slot_mark[p] == 0:
-            slot_mark[p] = 1
+        elif track_hits and slot_mark[p >> 3] & (np.uint8(1) << np.uint8(p & 7)) == 0:
+            slot_mark[p >> 3] |= np.uint8(1) << np.uint8(p & 7)
             hit_slots[n_hit] = p - 1
             n_hit += 1
     for j in range(n_rows):
         row_mark[miss_rows[j]] = 0
     for j in range(n_hit):
-        slot_mark[hit_slots[j] + 1] = 0
+        slot_mark[(hit_slots[j] + 1) >> 3] = 0
     return n_at, n_rows, n_hit
 
 

@@ -10,8 +10,8 @@ Slab layout (each a shared-memory segment, so the daemon can share them with cli
   row_of_pos: [capacity + 1] row ids (-1 = free; int32 for dense tables below 2**31 rows,
            else int64), dirty: uint8 [capacity + 1], indexed like the slab (entry 0 unused).
 Inside this module a "position" is a slab row (slot + 1); the policy sees slots (position - 1).
-Per cached row the tier spends 5 bytes of metadata (9 for sparse or huge tables) plus the
-policy's own (see dram_bytes()).
+Per cached row the tier spends 6 bytes of metadata (row id, dirty and modified flags; 10 for
+sparse or huge tables) and a scratch bit, plus the policy's own (see dram_bytes()).
 
 Rows the policy declines to admit are served from SCM for this batch ("bypass"). Dirty rows are
 written back to SCM when evicted and on flush().
@@ -476,8 +476,8 @@ class SlabWriter:
     modified: np.ndarray
 
     def _init_scratch(self) -> None:
-        #: a byte per slab position, zero between calls (distinct positions of a batch)
-        self._mark = np.zeros(self.weights.shape[0], dtype=np.uint8)
+        #: a bit per slab position, zero between calls (distinct positions of a batch)
+        self._mark = np.zeros((self.weights.shape[0] + 7) // 8, dtype=np.uint8)
         #: the fused kernel's sort buffers (two int64 per contribution), reused between calls
         self._keys = np.empty(0, dtype=np.int64)
         #: True: fused numba kernels on float32 tables; False: the plain torch path.
@@ -962,7 +962,8 @@ class DDRCache(SlabWriter):
     def dram_bytes(self) -> dict[str, int]:
         return {
             "slab": self.weights.nbytes + self.state.nbytes,
-            "slot_metadata": self.row_of_pos.nbytes + self.dirty.nbytes,
+            "slot_metadata": (self.row_of_pos.nbytes + self.dirty.nbytes
+                              + self.modified.nbytes + self._mark.nbytes),
             "policy": self.policy.metadata_bytes(),
             "index": self.index.resident_bytes(),
         }

@@ -62,8 +62,8 @@ class RowMarks:
     def split_misses(self, ids: np.ndarray, pos: np.ndarray, slot_mark: np.ndarray,
                      track_hits: bool) -> Misses:
         """Split a batch of ``ids`` (int64, in range) with slab positions ``pos`` (int64, 0 =
-        not resident) for the policy; ``slot_mark`` is the slab's uint8 scratch (all 0,
-        one per position), left as it was. Hit slots are listed only if ``track_hits``."""
+        not resident) for the policy; ``slot_mark`` is the slab's scratch (uint8, a bit per
+        position, all 0), left as it was. Hit slots are listed only if ``track_hits``."""
         n = len(ids)
         if self._mark is None:
             miss = pos == 0
