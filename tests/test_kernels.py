@@ -121,3 +121,13 @@ def test_positions_below_first_are_skipped(scaled):
     assert u == len(np.unique(pos[keep]))
     assert np.array_equal(w, w_ref) and np.array_equal(s, s_ref)
     assert np.array_equal(w[:2], w0[:2]) and not flags[:2].any()
+
+
+def test_fold_modified_at_moves_only_the_given_slots_flags():
+    modified = np.array([0, 1, 1, 0, 1], np.uint8)
+    flags = np.zeros(100, np.uint8)
+    pos = np.array([1, 3, 4])
+    rows = np.array([10, 30, 40], np.int32)
+    assert kernels.fold_modified_at(modified, pos, rows, flags) == 2
+    assert flags.nonzero()[0].tolist() == [10, 40]
+    assert modified.tolist() == [0, 0, 1, 0, 0]  # slot 2 was not given: kept

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tierstore.optim import kernels
+
 _COMPACT_AT = 1 << 20  # ids buffered before a sparse tracker deduplicates
 
 
@@ -31,8 +33,8 @@ class ModifiedRows:
         """Mark ``rows`` (int64 ids, duplicates allowed)."""
         if len(rows) == 0:
             return
-        if self.dense:
-            self._flags[rows] = 1
+        if self.dense:  # a numba loop: numpy's scatter took ~0.2 ms per 10k ids
+            kernels.mark_rows(self._flags, np.ascontiguousarray(rows, dtype=np.int64))
             return
         self._parts.append(np.asarray(rows, dtype=np.int64).copy())
         self._buffered += len(rows)

@@ -354,8 +354,23 @@ def fold_modified(modified, row_of_pos, flags):
 
 
 @numba.njit(**_JIT)
+def fold_modified_at(modified, pos, rows, flags):
+    """:func:`fold_modified` for the slab positions ``pos`` only (holding ``rows``): each set
+    ``modified[pos[i]]`` is cleared and ``flags[rows[i]]`` set. Returns how many."""
+    n = 0
+    for i in range(pos.shape[0]):
+        p = pos[i]
+        if modified[p]:
+            modified[p] = 0
+            flags[rows[i]] = 1
+            n += 1
+    return n
+
+
+@numba.njit(**_JIT)
 def mark_rows(flags, rows):
-    """flags[rows] = 1; returns how many of them were 0 before (rows distinct)."""
+    """flags[rows] = 1; returns how many of them were 0 before (the count is exact when rows
+    are distinct)."""
     n = 0
     for i in range(rows.shape[0]):
         r = rows[i]

@@ -217,6 +217,14 @@ class CowSnapshot:
                         into.append(c.row_of_pos[p].astype(np.int64))
                         slot_flags[p] = 0
 
+    def _tracker_flags(self) -> np.ndarray | None:
+        """The tracker's per-row uint8 flags (a dense table's), for the numba fold kernels;
+        None where it keeps id lists."""
+        flags = getattr(self.tracker, "_flags", None)
+        if self.tracker.dense and isinstance(flags, np.ndarray) and flags.dtype == np.uint8:
+            return flags
+        return None
+
     def take_modified(self) -> np.ndarray:
         """Open snapshot, writer thread: sorted distinct rows of the modified-row record it
         took (what ``DDRCache.take_modified`` would have returned when it was taken). Once."""
@@ -796,6 +804,10 @@ class DDRCache(SlabWriter):
         cow = self.cow
         if cow is not None:
             cow.slots_leaving(pos, rows)
+        flags = self._tracker_flags()
+        if flags is not None:
+            kernels.fold_modified_at(self.modified, pos, rows, flags)
+            return
         mod = self.modified[pos] != 0
         if mod.any():
             self.tracker.add(rows[mod])
@@ -894,6 +906,14 @@ class DDRCache(SlabWriter):
         else:
             write_slots(rows, self.weights, self.state, pos)
 
+    def _tracker_flags(self) -> np.ndarray | None:
+        """The tracker's per-row uint8 flags (a dense table's), for the numba fold kernels;
+        None where it keeps id lists."""
+        flags = getattr(self.tracker, "_flags", None)
+        if self.tracker.dense and isinstance(flags, np.ndarray) and flags.dtype == np.uint8:
+            return flags
+        return None
+
     def take_modified(self) -> np.ndarray:
         """Sorted distinct rows modified since the last call (or since open); clears the
         record. Flags are cleared before the caller reads the rows, so a concurrent update
@@ -901,8 +921,8 @@ class DDRCache(SlabWriter):
 
         It is part of a checkpoint's stall: for dense tables one numba pass over the slots
         and one over the tracker's per-row flags (about 5x numpy's nonzero/scatter/nonzero)."""
-        flags = getattr(self.tracker, "_flags", None)
-        if self.tracker.dense and isinstance(flags, np.ndarray) and flags.dtype == np.uint8:
+        flags = self._tracker_flags()
+        if flags is not None:
             kernels.fold_modified(self.modified, self.row_of_pos, flags)
             pins.fence()
             out = np.empty(np.count_nonzero(flags) + 1, dtype=np.int64)
