@@ -142,10 +142,12 @@ def render_lookup(res: dict[str, Any]) -> str:
                     "", "Row-file writes: while the process's row files total no more than the "
                     "kernel's dirty background threshold (/proc/vmstat, about 2.2 GB on this "
                     "machine) the background thread writes through the mapping, beyond it with "
-                    "one pwrite per row (docs/engine.md, SCM). 8 x 1M x 128 (4.2 GB of row files) "
-                    "takes the pwrite path, and its steps wait on that thread. FBGEMM's TBE of "
-                    "each configuration is freed before the 10% store is created, so the "
-                    "threshold is the machine's and not lowered by the baseline's tables."]
+                    "one pwrite per row (docs/engine.md, SCM); the SCM writes column says which "
+                    "path the timed steps took. 8 x 1M x 128 (4.2 GB of row files) always takes "
+                    "pwrite, and its steps wait on that thread; 8 x 1M x 64 (2.1 GB) sits at the "
+                    "threshold and takes either (measured alone: 79 ms per step through the "
+                    "mapping, 114-120 ms with pwrite). FBGEMM's TBE of each configuration is "
+                    "freed before the 10% store is created."]
     return "\n".join(out)
 
 

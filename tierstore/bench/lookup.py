@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 import tierstore as ts
+from tierstore.tiers import rowfile
 from tierstore.bench.common import fbgemm_available, interleaved, median_seconds
 from tierstore.bench.workload import Batch, make_batches
 
@@ -144,8 +145,11 @@ def _train_fraction(path: str, T: int, rows: int, dim: int, batches: list[Batch]
     for i in range(len(batches)):
         step(i)
     before = store.stats()["tables"]
+    written = dict(rowfile.WRITTEN_ROWS)
     key = f"tierstore_dram_{fraction:g}"
     out = {key: interleaved({key: step}, repeats)[key]}
+    # rows written per path by the timed steps (a write still running is not counted yet)
+    out[key + "_scm_writes"] = {k: rowfile.WRITTEN_ROWS[k] - written[k] for k in written}
     st = store.stats()["tables"]
     out[key + "_hit_rate"] = (sum(st[n]["hits"] - before[n]["hits"] for n in st)
                               / sum(st[n]["lookups"] - before[n]["lookups"] for n in st))
@@ -239,12 +243,20 @@ def run(train: bool, dims=(64, 128), poolings=(1, 20), dists=("uniform", "zipf:1
     return {"mode": "train" if train else "lookup", "results": out}
 
 
+def _write_paths(counts: dict[str, int] | None) -> str:
+    """How the timed 10% steps wrote their row files: "mapping", "pwrite" or both."""
+    if not counts:
+        return "n/a"
+    used = [k for k in ("mapping", "pwrite") if counts.get(k)]
+    return " + ".join(used) if used else "none"
+
+
 def table(results: dict[str, Any]) -> str:
     train = results["mode"] == "train"
     head = ["tables x rows", "dim", "pool", "ids", "tierstore ms", "nn.EmbeddingBag ms",
             "FBGEMM ms", "vs torch", "vs FBGEMM"]
     if train:
-        head += ["10% DRAM ms", "hit rate", "10%/all rate"]
+        head += ["10% DRAM ms", "hit rate", "10%/all rate", "SCM writes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["results"]:
         ms = lambda k: f"{1e3 * r[k]:.2f}" if k in r else "n/a"  # noqa: E731
@@ -253,8 +265,10 @@ def table(results: dict[str, Any]) -> str:
                  f"{r['speedup_vs_torch']:.2f}x",
                  f"{r['speedup_vs_fbgemm']:.2f}x" if "speedup_vs_fbgemm" in r else "n/a"]
         if train:
-            k = next((k for k in r if k.startswith("tierstore_dram_") and not k.endswith("rate")), None)
+            k = next((k for k in r if k.startswith("tierstore_dram_")
+                      and not k.endswith(("rate", "writes"))), None)
             cells += [ms(k) if k else "n/a", f"{r[k + '_hit_rate']:.3f}" if k else "n/a",
-                      f"{r['dram_fraction_rate_ratio']:.2f}x" if k else "n/a"]
+                      f"{r['dram_fraction_rate_ratio']:.2f}x" if k else "n/a",
+                      _write_paths(r.get(f"{k}_scm_writes")) if k else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -78,6 +78,8 @@ os.register_at_fork(after_in_child=_forget_writer)
 WRITE_MODE = os.environ.get("TIERSTORE_SCM_WRITES", "auto")
 #: bytes of all open row files of this process (the "auto" choice)
 _open_bytes = [0]
+#: rows written so far by this process on each path (benchmarks report which one ran)
+WRITTEN_ROWS = {"mapping": 0, "pwrite": 0}
 
 
 _threshold = {"at": -1e9, "bytes": 0}
@@ -422,7 +424,9 @@ class RowFile:
         if _write_through_mapping():
             self.records[rows] = rec
             self.mm[24:32] = struct.pack("<Q", count)  # header field "written"
+            WRITTEN_ROWS["mapping"] += len(rows)
             return
+        WRITTEN_ROWS["pwrite"] += len(rows)
         done = _pwrite_records(self.fd, np.ascontiguousarray(rec), rows, HEADER)
         if done != len(rows):
             raise OSError(f"{self.path}: short write of row {int(rows[done])}")
