@@ -4,6 +4,7 @@ contribution sort, each optimizer kind, duplicate summation order and the row fl
 import numpy as np
 import pytest
 
+from tierstore.ckpt import kernels as ck
 from tierstore.optim import kernels
 
 DIM = 8
@@ -123,11 +124,12 @@ def test_positions_below_first_are_skipped(scaled):
     assert np.array_equal(w[:2], w0[:2]) and not flags[:2].any()
 
 
-def test_fold_modified_at_moves_only_the_given_slots_flags():
+def test_clear_slots_moves_only_the_given_slots_flags():
+    """Evictions fold their slots' modified flags with it (DDRCache._fold_modified)."""
     modified = np.array([0, 1, 1, 0, 1], np.uint8)
     flags = np.zeros(100, np.uint8)
     pos = np.array([1, 3, 4])
     rows = np.array([10, 30, 40], np.int32)
-    assert kernels.fold_modified_at(modified, pos, rows, flags) == 2
+    assert ck.clear_slots(modified, pos, rows, flags) == 2
     assert flags.nonzero()[0].tolist() == [10, 40]
     assert modified.tolist() == [0, 0, 1, 0, 0]  # slot 2 was not given: kept

@@ -54,6 +54,21 @@ def _positions_one(row: int, first: int, count: int, width: int) -> list[int]:
     ]
 
 
+@numba.njit(inline="always", nogil=True, cache=True)
+def _hash_to(key, a, width):
+    """Hash ``a`` of ``key`` (uint64) mapped onto 0..width-1: the kernels' twin of
+    :func:`_positions_one`."""
+    return np.int64((((key * a) >> np.uint64(32)) * np.uint64(width)) >> np.uint64(32))
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _ghost_entry(key, to_position, to_fingerprint, entries, modulus):
+    """(position, fingerprint in 1..modulus) of ``key`` in a ghost list: the kernels' twin
+    of :meth:`GhostLists._where_one`."""
+    f = ((key * to_fingerprint) >> np.uint64(32)) % np.uint64(modulus) + np.uint64(1)
+    return _hash_to(key, to_position, entries), f
+
+
 @numba.njit(nogil=True, cache=True)
 def _increment_batch(table, keys, multipliers, width, max_count, seen):
     """CountMinSketch.increment of a batch, with the exact semantics of reading every counter
@@ -61,13 +76,9 @@ def _increment_batch(table, keys, multipliers, width, max_count, seen):
     once. ``seen`` (one bit per counter, all zero on entry) marks the counters raised so far.
     The earlier two-pass version's batch arrays (8 bytes per counter touched) page-faulted on
     every large batch: 3x slower."""
-    n = keys.shape[0]
-    h = multipliers.shape[0]
-    w = np.uint64(width)
-    for i in range(n):
-        for j in range(h):
-            c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
-            c += j * width
+    for i in range(keys.shape[0]):
+        for j in range(multipliers.shape[0]):
+            c = _hash_to(keys[i], multipliers[j], width) + j * width
             bit = np.uint8(1) << np.uint8(c & 7)
             if seen[c >> 3] & bit:
                 continue
@@ -81,12 +92,10 @@ def _increment_batch(table, keys, multipliers, width, max_count, seen):
 @numba.njit(nogil=True, cache=True)
 def _estimate_batch(table, keys, multipliers, width, out):
     """CountMinSketch.estimate of a batch: out[i] = the smallest of row i's counters."""
-    w = np.uint64(width)
     for i in range(keys.shape[0]):
         low = np.uint8(15)
         for j in range(multipliers.shape[0]):
-            c = np.int64((((keys[i] * multipliers[j]) >> np.uint64(32)) * w) >> np.uint64(32))
-            c += j * width
+            c = _hash_to(keys[i], multipliers[j], width) + j * width
             v = (table[c >> 1] >> np.uint8((c & 1) << 2)) & np.uint8(15)
             low = min(low, v)
         out[i] = low
@@ -97,10 +106,8 @@ def _ghost_add(table, keys, to_position, to_fingerprint, entries, modulus):
     """GhostLists.add of a batch into one list (a later row overwrites an earlier one at the
     same position, as numpy's assignment does); returns how many positions were empty."""
     filled = 0
-    e = np.uint64(entries)
     for i in range(keys.shape[0]):
-        p = np.int64((((keys[i] * to_position) >> np.uint64(32)) * e) >> np.uint64(32))
-        f = ((keys[i] * to_fingerprint) >> np.uint64(32)) % np.uint64(modulus) + np.uint64(1)
+        p, f = _ghost_entry(keys[i], to_position, to_fingerprint, entries, modulus)
         filled += table[p] == 0
         table[p] = f
     return filled
@@ -109,10 +116,8 @@ def _ghost_add(table, keys, to_position, to_fingerprint, entries, modulus):
 @numba.njit(nogil=True, cache=True)
 def _ghost_lookup(first, second, keys, to_position, to_fingerprint, entries, modulus, out):
     """GhostLists.lookup of a batch: out[0, i] / out[1, i] = row i is in list 0 / list 1."""
-    e = np.uint64(entries)
     for i in range(keys.shape[0]):
-        p = np.int64((((keys[i] * to_position) >> np.uint64(32)) * e) >> np.uint64(32))
-        f = ((keys[i] * to_fingerprint) >> np.uint64(32)) % np.uint64(modulus) + np.uint64(1)
+        p, f = _ghost_entry(keys[i], to_position, to_fingerprint, entries, modulus)
         out[0, i] = first[p] == f
         out[1, i] = second[p] == f
 

@@ -29,6 +29,12 @@ class ModifiedRows:
         self._parts: list[np.ndarray] = []
         self._buffered = 0
 
+    @property
+    def flags(self) -> np.ndarray | None:
+        """A dense record's per-row uint8 flags (1 = modified), for kernels that mark rows in
+        place; None for a sparse record."""
+        return self._flags
+
     def add(self, rows: np.ndarray) -> None:
         """Mark ``rows`` (int64 ids, duplicates allowed)."""
         if len(rows) == 0:

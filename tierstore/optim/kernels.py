@@ -208,9 +208,7 @@ def distinct_positions(pos, mark, out):
     u = 0
     for i in range(pos.shape[0]):
         p = pos[i]
-        bit = np.uint8(1) << np.uint8(p & 7)
-        if mark[p >> 3] & bit == 0:
-            mark[p >> 3] |= bit
+        if _first_time(mark, p):
             out[u] = p
             u += 1
     for j in range(u):
@@ -252,6 +250,36 @@ def offsets_status(offsets, n):
     return 0
 
 
+@numba.njit(inline="always", **_JIT)
+def _index_of(r, mark, rows, u):
+    """Index of id ``r`` among the distinct ids ``rows[:u]`` met so far, listing it when new
+    (``mark[r]`` holds index + 1, 0 = not met). Returns (index, new u)."""
+    m = mark[r]
+    if m == 0:
+        rows[u] = r
+        u += 1
+        mark[r] = u
+        return u - 1, u
+    return m - 1, u
+
+
+@numba.njit(inline="always", **_JIT)
+def _unmark(mark, rows, u):
+    """Zero ``mark`` again at the ids ``rows[:u]``."""
+    for j in range(u):
+        mark[rows[j]] = 0
+
+
+@numba.njit(inline="always", **_JIT)
+def _first_time(bits, p):
+    """Set bit ``p`` of ``bits`` (uint8, a bit per value); True if it was clear."""
+    bit = np.uint8(1) << np.uint8(p & 7)
+    if bits[p >> 3] & bit:
+        return False
+    bits[p >> 3] |= bit
+    return True
+
+
 @numba.njit(**_JIT)
 def first_occurrence(ids, mark, out_rows, out_idx):
     """Distinct ``ids`` in first-occurrence order into out_rows (returns how many) and, for
@@ -259,16 +287,8 @@ def first_occurrence(ids, mark, out_rows, out_idx):
     entry and on return."""
     u = 0
     for i in range(ids.shape[0]):
-        r = ids[i]
-        m = mark[r]
-        if m == 0:
-            u += 1
-            mark[r] = u
-            out_rows[u - 1] = r
-            m = u
-        out_idx[i] = m - 1
-    for j in range(u):
-        mark[out_rows[j]] = 0
+        out_idx[i], u = _index_of(ids[i], mark, out_rows, u)
+    _unmark(mark, out_rows, u)
     return u
 
 
@@ -287,22 +307,13 @@ def split_misses(ids, pos, row_mark, slot_mark, track_hits, miss_at, miss_rows, 
     for i in range(ids.shape[0]):
         p = pos[i]
         if p == 0:
-            r = ids[i]
-            m = row_mark[r]
-            if m == 0:
-                n_rows += 1
-                row_mark[r] = n_rows
-                miss_rows[n_rows - 1] = r
-                m = n_rows
             miss_at[n_at] = i
-            where[n_at] = m - 1
+            where[n_at], n_rows = _index_of(ids[i], row_mark, miss_rows, n_rows)
             n_at += 1
-        elif track_hits and slot_mark[p >> 3] & (np.uint8(1) << np.uint8(p & 7)) == 0:
-            slot_mark[p >> 3] |= np.uint8(1) << np.uint8(p & 7)
+        elif track_hits and _first_time(slot_mark, p):
             hit_slots[n_hit] = p - 1
             n_hit += 1
-    for j in range(n_rows):
-        row_mark[miss_rows[j]] = 0
+    _unmark(row_mark, miss_rows, n_rows)
     for j in range(n_hit):
         slot_mark[(hit_slots[j] + 1) >> 3] = 0
     return n_at, n_rows, n_hit
@@ -321,20 +332,12 @@ def away_updates(ids, pos, src, scale, row_mark, away_rows, away_at, away_src, a
     n_rows = 0
     for i in range(ids.shape[0]):
         if pos[i] == 0:
-            r = ids[i]
-            m = row_mark[r]
-            if m == 0:
-                n_rows += 1
-                row_mark[r] = n_rows
-                away_rows[n_rows - 1] = r
-                m = n_rows
-            away_at[n_away] = m - 1
+            away_at[n_away], n_rows = _index_of(ids[i], row_mark, away_rows, n_rows)
             away_src[n_away] = src[i]
             if scaled:
                 away_scale[n_away] = scale[i]
             n_away += 1
-    for j in range(n_rows):
-        row_mark[away_rows[j]] = 0
+    _unmark(row_mark, away_rows, n_rows)
     return n_away, n_rows
 
 
@@ -349,20 +352,6 @@ def fold_modified(modified, row_of_pos, flags):
         if modified[p]:
             modified[p] = 0
             flags[row_of_pos[p]] = 1
-            n += 1
-    return n
-
-
-@numba.njit(**_JIT)
-def fold_modified_at(modified, pos, rows, flags):
-    """:func:`fold_modified` for the slab positions ``pos`` only (holding ``rows``): each set
-    ``modified[pos[i]]`` is cleared and ``flags[rows[i]]`` set. Returns how many."""
-    n = 0
-    for i in range(pos.shape[0]):
-        p = pos[i]
-        if modified[p]:
-            modified[p] = 0
-            flags[rows[i]] = 1
             n += 1
     return n
 

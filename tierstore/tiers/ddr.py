@@ -217,14 +217,6 @@ class CowSnapshot:
                         into.append(c.row_of_pos[p].astype(np.int64))
                         slot_flags[p] = 0
 
-    def _tracker_flags(self) -> np.ndarray | None:
-        """The tracker's per-row uint8 flags (a dense table's), for the numba fold kernels;
-        None where it keeps id lists."""
-        flags = getattr(self.tracker, "_flags", None)
-        if self.tracker.dense and isinstance(flags, np.ndarray) and flags.dtype == np.uint8:
-            return flags
-        return None
-
     def take_modified(self) -> np.ndarray:
         """Open snapshot, writer thread: sorted distinct rows of the modified-row record it
         took (what ``DDRCache.take_modified`` would have returned when it was taken). Once."""
@@ -804,9 +796,9 @@ class DDRCache(SlabWriter):
         cow = self.cow
         if cow is not None:
             cow.slots_leaving(pos, rows)
-        flags = self._tracker_flags()
+        flags = self.tracker.flags
         if flags is not None:
-            kernels.fold_modified_at(self.modified, pos, rows, flags)
+            ck.clear_slots(self.modified, pos, rows, flags)
             return
         mod = self.modified[pos] != 0
         if mod.any():
@@ -906,14 +898,6 @@ class DDRCache(SlabWriter):
         else:
             write_slots(rows, self.weights, self.state, pos)
 
-    def _tracker_flags(self) -> np.ndarray | None:
-        """The tracker's per-row uint8 flags (a dense table's), for the numba fold kernels;
-        None where it keeps id lists."""
-        flags = getattr(self.tracker, "_flags", None)
-        if self.tracker.dense and isinstance(flags, np.ndarray) and flags.dtype == np.uint8:
-            return flags
-        return None
-
     def take_modified(self) -> np.ndarray:
         """Sorted distinct rows modified since the last call (or since open); clears the
         record. Flags are cleared before the caller reads the rows, so a concurrent update
@@ -921,7 +905,7 @@ class DDRCache(SlabWriter):
 
         It is part of a checkpoint's stall: for dense tables one numba pass over the slots
         and one over the tracker's per-row flags (about 5x numpy's nonzero/scatter/nonzero)."""
-        flags = self._tracker_flags()
+        flags = self.tracker.flags
         if flags is not None:
             kernels.fold_modified(self.modified, self.row_of_pos, flags)
             pins.fence()
