@@ -122,6 +122,11 @@ def grads(x: Any, n: int, spec: TableSpec, what: str = "grads") -> torch.Tensor:
         raise InvalidInput(f"table {spec.name!r}: {what} must have shape ({n}, {spec.dim}), "
                            f"got {tuple(t.shape)}")
     t = t.to(torch.float32)
+    finite(t, spec, what)
+    return t
+
+
+def finite(t: torch.Tensor, spec: TableSpec, what: str) -> None:
+    """Raise InvalidInput if the float tensor ``t`` holds NaN or infinity."""
     if t.numel() and not all(map(math.isfinite, map(float, torch.aminmax(t)))):  # NaN propagates
         raise InvalidInput(f"table {spec.name!r}: {what} contain NaN or infinity")
-    return t

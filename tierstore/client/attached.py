@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tierstore import checks
 from tierstore.config import TableSpec
 from tierstore.errors import InvalidInput
 from tierstore.optim import kernels
@@ -188,10 +189,13 @@ class AttachedTable(SlabWriter):
         g = grad.detach().to(torch.float32).contiguous().numpy()
         sc = np.empty(0, dtype=np.float32) if scale is None else scale
         away = self._rows.away_updates(ids, pos, src, sc)
-        if len(away.rows):  # the service first: a Stale reply must come before any local write
+        if len(away.rows):
             # first-occurrence order: the order of the forward's bypass rows, which lets the
             # service reuse its read of them without a search (DDRCache._read_scm)
             summed = sum_at(away.at, len(away.rows), away.src, away.scale, g)
+            # the service refuses a sum that overflowed; the update is pipelined, so refuse
+            # it here, before the resident rows change
+            checks.finite(summed, self.spec, "summed gradients")
             self.conn._apply(self, away.rows, summed.numpy())
         self._apply_resident(pos, src, sc, g)  # (skips the rows not resident)
 

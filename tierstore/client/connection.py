@@ -8,6 +8,13 @@ the socket.
 Errors raised by the service arrive as the same exception classes with the service's message.
 If the service dies, the next call raises :class:`tierstore.ConnectionLost` (at once: the
 kernel closes the socket) and the connection is unusable; ``connect()`` again after a restart.
+
+The update of rows not in DRAM (a backward's ``apply`` request) is *pipelined*: the client sends
+it and goes on (updating the resident rows, preparing the next table's batch) while the service
+works on it; its reply is read before the next request, before the next operation on the same
+table, and on ``close()``. The client checks everything it sends, so the service refuses such an
+update only when the table was re-planned meanwhile (the update is then sent again to the new
+slab, transparently) or for a fault of its own, which is raised by the connection's next call.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import os
 import select
 import socket
 import tempfile
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -32,6 +40,18 @@ from tierstore.tiers.ddr import Bypass
 SOCKET_NAME = "tierstored.sock"
 REPLY_TIMEOUT_S = 120.0  # a reply slower than this means a wedged service
 _RETRIES = 8  # re-attachments in a row before giving up on a table that keeps moving
+
+
+@dataclass
+class _PendingApply:
+    """An ``apply`` request sent without waiting for its reply: what to send again if the
+    table was re-planned, and the mailbox bytes [lo, hi) the service may still be reading."""
+
+    table: str
+    rows: np.ndarray
+    summed: np.ndarray
+    lo: int
+    hi: int
 
 def _error_classes() -> dict[str, type[Exception]]:
     from tierstore.ckpt.format import CheckpointError, CorruptCheckpoint
@@ -67,6 +87,7 @@ class Connection:
         self.mode = mode
         self._lost: str | None = None
         self._tables: dict[str, AttachedTable] = {}
+        self._pending: _PendingApply | None = None
         path = os.path.join(self.run_dir, SOCKET_NAME)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -88,18 +109,58 @@ class Connection:
     # -- the socket -------------------------------------------------------------------------
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its reply; raise the service's error if not ok."""
+        self._drain()
+        self._send(msg)
+        reply = self._reply()
+        if not reply.get("ok"):
+            _raise_reply(reply)
+        return reply
+
+    def _send(self, msg: dict[str, Any]) -> None:
         if self._lost:
             raise ConnectionLost(self._lost)
         try:
             self._sock.sendall(protocol.encode(msg))
+        except (OSError, protocol.ProtocolError) as e:
+            self._lost_now(e)
+
+    def _reply(self) -> dict[str, Any]:
+        try:
             n = protocol.frame_length(self._recv(4))
-            reply = protocol.decode(self._recv(n))
+            return protocol.decode(self._recv(n))
         except (OSError, EOFError, protocol.ProtocolError) as e:
-            self._mark_lost(f"connection to tierstored at {self.run_dir} lost: {e}")
-            raise ConnectionLost(self._lost) from None
-        if not reply.get("ok"):
+            self._lost_now(e)
+
+    def _reserve(self, nbytes: int) -> None:
+        """This request writes the mailbox's first ``nbytes``: first read the pipelined
+        apply's reply if the service may still be reading there."""
+        while self._pending is not None and nbytes > self._pending.lo:
+            self._drain()  # (sending a re-planned table's update again may pipeline it anew)
+
+    def _lost_now(self, e: BaseException) -> NoReturn:
+        self._pending = None
+        self._mark_lost(f"connection to tierstored at {self.run_dir} lost: {e}")
+        raise ConnectionLost(self._lost) from None
+
+    def _drain(self, table: str | None = None) -> None:
+        """Read the reply of the pipelined ``apply`` in flight (if any; with ``table``, only
+        if it updates that table). A re-planned table gets the update again; any other
+        refusal is raised here."""
+        p = self._pending
+        if p is None or (table is not None and p.table != table):
+            return
+        if self._lost:
+            self._pending = None
+            raise ConnectionLost(self._lost)
+        reply = self._reply()
+        self._pending = None
+        if reply.get("ok"):
+            return
+        if reply.get("type") != "Stale":
             _raise_reply(reply)
-        return reply
+        # refused before anything changed: the rows it names were not resident when this
+        # client pinned its batch; whatever the new slab holds now, the update goes where they live
+        self._with_table(p.table, lambda t: ops.apply_gradients(t, t.spec, p.rows, p.summed))
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray()
@@ -114,7 +175,11 @@ class Connection:
         """Raise ConnectionLost if the service has gone (costs one poll syscall)."""
         if self._lost:
             raise ConnectionLost(self._lost)
-        if self._poll.poll(0):  # the service never speaks unasked: readable means closed
+        while self._poll.poll(0):
+            if self._pending is not None:  # the pipelined apply's reply (or the hang-up)
+                self._drain()
+                continue
+            # the service never speaks unasked: readable means closed
             self._mark_lost(f"tierstored at {self.run_dir} has gone away")
             raise ConnectionLost(self._lost)
 
@@ -176,6 +241,7 @@ class Connection:
             if not isinstance(table, str):
                 raise errors.UnknownTable(f"table must be a name, got {type(table).__name__}")
         self._check_alive()
+        self._drain(table)  # this table's pipelined update lands before anything reads it
         t = self._tables.get(table)
         return t if t is not None else self.attach(table)
 
@@ -229,6 +295,8 @@ class Connection:
             raise InvalidInput(f"a batch of {len(raw)} bytes does not fit the service's "
                                f"mailbox ({len(self._mailbox)} bytes); raise mailbox_bytes "
                                f"or send smaller batches")
+        p = self._pending
+        assert p is None or end <= p.lo or offset >= p.hi, "mailbox bytes still in use"
         self._mailbox[offset:end] = raw
         return (end + 7) // 8 * 8
 
@@ -268,6 +336,7 @@ class Connection:
 
     def _resolve_chunk(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
                        lookups: int, recent: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
+        self._reserve(8 * (len(rows) + len(hits) + len(recent)) + 16)
         off = self._put(0, rows.astype(np.int64, copy=False))
         off = self._put(off, hits.astype(np.int64, copy=False))
         recent = recent[: max(0, (len(self._mailbox) - off) // 16)]  # leave room for replies
@@ -290,12 +359,28 @@ class Connection:
         if len(rows) > self.max_batch:
             raise InvalidInput(f"table {t.name!r}: {len(rows)} rows is over the service's "
                                f"max_batch ({self.max_batch})")
-        step = max(1, (len(self._mailbox) - 64) // (8 + 4 * t.spec.dim))
+        per_row = 8 + 4 * t.spec.dim
+        if len(rows) * per_row <= len(self._mailbox) // 2:
+            self._apply_pipelined(t, rows, summed)
+            return
+        self._drain()
+        step = max(1, (len(self._mailbox) - 64) // per_row)
         for start in range(0, len(rows), step):
             r = rows[start: start + step]
             off = self._put(0, r.astype(np.int64, copy=False))
             self._put(off, summed[start: start + step].astype(np.float32, copy=False))
             self._call({"op": "apply", "table": t.name, "rows": len(r)})
+
+    def _apply_pipelined(self, t: AttachedTable, rows: np.ndarray, summed: np.ndarray) -> None:
+        """Send one ``apply`` from the top half of the mailbox (requests start at its bottom)
+        and return without its reply (:meth:`_drain` reads it)."""
+        self._drain()
+        rows = rows.astype(np.int64, copy=False)
+        summed = summed.astype(np.float32, copy=False)
+        lo = (len(self._mailbox) - rows.nbytes - summed.nbytes) // 8 * 8
+        self._put(self._put(lo, rows), summed)
+        self._send({"op": "apply", "table": t.name, "rows": len(rows), "at": lo})
+        self._pending = _PendingApply(t.name, rows, summed, lo, len(self._mailbox))
 
     # -- service-wide ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -354,7 +439,23 @@ class Connection:
             self.close()
 
     def close(self) -> None:
-        """Unmap everything and hang up (the service drops this client's pins and ownership)."""
+        """Unmap everything and hang up (the service drops this client's pins and ownership).
+        The reply of a pipelined update still in flight is read first: a refusal is raised
+        after the connection is closed."""
+        failure = None
+        if self._pending is not None and self._lost is None:
+            try:
+                self._drain()
+            except ConnectionLost:
+                pass
+            except Exception as e:  # noqa: BLE001 - raised below, once everything is released
+                failure = e
+        self._pending = None
+        self._release()
+        if failure is not None:
+            raise failure
+
+    def _release(self) -> None:
         for name in list(self._tables):
             self._detach_local(name)
         if getattr(self, "_mailbox_seg", None) is not None:

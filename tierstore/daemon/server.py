@@ -558,8 +558,11 @@ class Service:
         if k > self.cfg.max_batch:
             raise InvalidInput(f"table {spec.name!r}: {k} rows is over the service's "
                                f"max_batch ({self.cfg.max_batch})")
-        rows = self._mailbox(c, 0, np.int64, (k,)).copy()
-        grads = self._mailbox(c, 8 * k, np.float32, (k, spec.dim)).copy()
+        at = self._arg(msg, "at", int, 0) if "at" in msg else 0
+        if at % 8:
+            raise InvalidInput(f"request field 'at' must be a multiple of 8, got {at}")
+        rows = self._mailbox(c, at, np.int64, (k,)).copy()
+        grads = self._mailbox(c, at + 8 * k, np.float32, (k, spec.dim)).copy()
         self._check_rows(spec, rows)
         lo, hi = att.rows
         if k and (rows.min() < lo or rows.max() >= hi):
