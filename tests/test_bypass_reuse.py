@@ -2,6 +2,8 @@
 SCM in the backward; the backward reuses the forward's read while the row file is unchanged
 (RowFile.generation), and reads the file again once anything wrote it."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,27 @@ def test_backward_reuses_forward_positions_only_for_the_same_ids(tmp_path, polic
             ref.apply_pooled_gradients("t", ids, off, grad)
         every = torch.cat([HOT, COLD, torch.arange(9000, 9008), torch.arange(7000, 7200)])
         assert torch.equal(s.lookup("t", every), ref.lookup("t", every))
+
+
+def test_scm_update_runs_behind_and_keeps_its_own_gradient(tmp_path):
+    """The update of bypassed rows runs on the row file's write thread after the backward
+    returns (RowFile.update); the caller may overwrite its gradient at once without changing
+    that update, and the next read of those rows sees it."""
+    from tierstore.tiers import rowfile
+    batch = torch.cat([HOT, COLD])
+    off = torch.arange(0, len(batch), 4)
+    grad = torch.randn(len(off), 4)
+    want_grad = grad.clone()
+    with store_with_cache(tmp_path / "s", "adaptive", cache_rows=64) as s, \
+            ts.Store(tmp_path / "ref", ddr_bytes=1 << 20) as ref:
+        ref.create_table(ts.TableSpec("t", 20_000, 4, optimizer=ts.SGD(0.1)))
+        _warm(s)
+        s.pooled("t", batch, off)
+        hold = threading.Event()
+        blocker = rowfile._background().submit(hold.wait, 10)  # the write thread is busy
+        s.apply_pooled_gradients("t", batch, off, grad)
+        grad.fill_(1e3)  # the caller reuses its buffer before the update has run
+        hold.set()
+        blocker.result()
+        ref.apply_pooled_gradients("t", batch, off, want_grad)
+        assert torch.equal(s.lookup("t", batch), ref.lookup("t", batch))

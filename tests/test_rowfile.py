@@ -123,6 +123,43 @@ def test_background_write_error_comes_out_of_the_next_call(tmp_path):
     rf.close()
 
 
+def test_update_computes_on_the_background_thread(tmp_path):
+    """RowFile.update returns before its compute runs (on the write thread); a read of its rows
+    waits for it and sees the computed values, other rows do not wait; a compute that raises
+    fails the next call and leaves the rows as they were."""
+    spec = SPECS[0]
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    w, s = _values(spec, 3, np.random.default_rng(4))
+    rf.write(np.array([1, 2, 3]), w, s)
+    rf.wait()
+    gate = threading.Event()
+    ran_on = []
+
+    def compute(w_job, s_job):
+        gate.wait(10)
+        ran_on.append(threading.current_thread().name)
+        w_job *= 2
+        s_job += 1
+
+    rf.update(np.array([1, 2]), w[:2].copy(), s[:2].copy(), compute)
+    assert not ran_on  # update returned first
+    assert np.array_equal(rf.read(np.array([3]))[0], w[2:])  # not held by the job: no wait
+    gate.set()
+    got_w, got_s = rf.read(np.array([1, 2]))
+    assert ran_on and ran_on[0].startswith("tierstore-rowfile")
+    assert np.array_equal(got_w, w[:2] * 2) and np.array_equal(got_s, s[:2] + 1)
+
+    def broken(w_job, s_job):
+        w_job[:] = 0
+        raise RuntimeError("compute failed")
+
+    rf.update(np.array([1]), w[:1].copy(), s[:1].copy(), broken)
+    with pytest.raises(RuntimeError, match="compute failed"):
+        rf.read(np.array([1]))
+    assert np.array_equal(rf.read(np.array([1]))[0], w[:1] * 2)
+    rf.close()
+
+
 @pytest.mark.parametrize("mode", ["mmap", "pwrite"])
 def test_both_write_paths_store_the_same_records(tmp_path, monkeypatch, mode):
     """The background thread writes through the mapping or with pwrite per row (chosen by the

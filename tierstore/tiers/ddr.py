@@ -497,21 +497,26 @@ class SlabWriter:
                 scale = scale[keep] if len(scale) else scale
             self._apply_resident_torch(pos, src, scale, g)
 
-    def _fused_update(self, pos, src, scale, g, w, state, dirty, modified, first=0) -> bool:
+    def _fused_update(self, pos, src, scale, g, w, state, dirty, modified, first=0,
+                      scratch=None) -> bool:
         """The fused kernel (kernels.apply_rows) on rows ``pos`` of the slab ``w``/``state``
         (flags ``dirty``/``modified`` set per updated row; positions below ``first``
-        skipped); False, with nothing done, where
-        it does not apply: float32 slabs only, and its packed sort keys need positions below
-        2**31 and fewer than 2**32 contributions."""
-        kind = _KERNEL_KIND.get(type(self.spec.optimizer))
-        if (not self.fused or kind is None or w.dtype != np.float32 or len(w) > 2**31
-                or max(len(pos), len(g)) >= 2**32):
+        skipped; ``scratch``: int64[>= 2 len(pos)] sort buffer, default this object's);
+        False, with nothing done, where it does not apply (:meth:`_fusable`)."""
+        if not self._fusable(w, len(pos), len(g)):
             return False
         opt = self.spec.optimizer
-        kernels.apply_rows(kind, pos, src, scale, g, w, state, dirty, modified, opt.lr,
-                           getattr(opt, "eps", 0.0), getattr(opt, "weight_decay", 0.0),
-                           self._scratch(len(pos)), first)
+        kernels.apply_rows(_KERNEL_KIND[type(opt)], pos, src, scale, g, w, state, dirty,
+                           modified, opt.lr, getattr(opt, "eps", 0.0),
+                           getattr(opt, "weight_decay", 0.0),
+                           self._scratch(len(pos)) if scratch is None else scratch, first)
         return True
+
+    def _fusable(self, w: np.ndarray, n_pos: int, n_grad: int) -> bool:
+        """Whether the fused kernel applies: float32 slabs only, and its packed sort keys need
+        positions below 2**31 and fewer than 2**32 contributions."""
+        return (self.fused and type(self.spec.optimizer) in _KERNEL_KIND
+                and w.dtype == np.float32 and len(w) <= 2**31 and max(n_pos, n_grad) < 2**32)
 
     def _distinct_slots(self, pos: np.ndarray) -> np.ndarray:
         """Distinct policy slots (position - 1) of resident positions, first-occurrence order."""
@@ -834,6 +839,15 @@ class DDRCache(SlabWriter):
         w, s = self._read_scm(rows)  # arrays of our own, to update
         w, s = np.ascontiguousarray(w), np.ascontiguousarray(s)
         flags = np.zeros(len(rows), dtype=np.uint8)
+        update = getattr(self.backing, "update", None)
+        if update is not None and self._fusable(w, len(at), len(g)):
+            # on the row file's background thread: the caller's gradient may change once we
+            # return, so the job gets a copy (the other arrays are this call's own)
+            g = g.copy()
+            update(rows, w, s, lambda w, s: self._fused_update(
+                at, src, scale, g, w, s, flags, flags, scratch=np.empty(2 * len(at), np.int64)))
+            self.tracker.add(rows)
+            return
         if not self._fused_update(at, src, scale, g, w, s, flags, flags):
             wt, st = torch.from_numpy(w.astype(np.float32)), torch.from_numpy(s)
             self.spec.optimizer.update(wt, st, sum_at(at, len(rows), src, scale, g))

@@ -36,6 +36,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import numba
 import numpy as np
@@ -311,16 +312,35 @@ class RowFile:
         rec = np.empty((len(pos), self.layout.record_bytes), dtype=np.uint8)
         _pack_slots(_bytes(weights), _bytes(state), pos, self.layout.state_offset,
                     self.layout.flag_offset, rec)
-        self._submit(rows, rec)
+        self._submit(rows, self._commit, rec)
 
-    def _submit(self, rows: np.ndarray, rec: np.ndarray) -> None:
-        """Start the background write of records ``rec`` (private) to ``rows``."""
+    def update(self, rows: np.ndarray, w: np.ndarray, s: np.ndarray,
+               compute: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """:meth:`write` of rows whose new values ``compute(w, s)`` makes in place, on the
+        background thread: the caller goes on meanwhile. ``w``/``s`` (C-contiguous, the
+        table's dtypes, [len(rows), dim] / [len(rows), state_dim]) and whatever ``compute``
+        reads become the job's: the caller must not touch them again. Reads of these rows
+        wait for the job; its errors are raised by the next call on the file."""
+        if len(rows) == 0:
+            return
+        self._submit(rows, self._update_commit, w, s, compute)
+
+    def _update_commit(self, rows: np.ndarray, w: np.ndarray, s: np.ndarray,
+                       compute: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        compute(w, s)
+        rec = np.empty((len(rows), self.layout.record_bytes), dtype=np.uint8)
+        _pack_slots(_bytes(w), _bytes(s), np.arange(len(rows), dtype=np.int64),
+                    self.layout.state_offset, self.layout.flag_offset, rec)
+        self._commit(rows, rec)
+
+    def _submit(self, rows: np.ndarray, job: Callable[..., None], *args: Any) -> None:
+        """Start the background job ``job(rows, *args)``, which writes ``rows``."""
         rows = np.array(rows, dtype=np.int64)  # a private copy: the caller may reuse its array
         self.wait()  # (packing above overlapped the previous write)
         self.generation += 1
-        job = _background().submit(self._commit, rows, rec)
+        fut = _background().submit(job, rows, *args)
         with self._lock:
-            self._pending = (job, rows if self.spec.num_rows <= _MASK_ROWS else np.sort(rows))
+            self._pending = (fut, rows if self.spec.num_rows <= _MASK_ROWS else np.sort(rows))
 
     def _commit(self, rows: np.ndarray, rec: np.ndarray) -> None:
         """Count the rows written for the first time, then journal, scatter and disarm one
