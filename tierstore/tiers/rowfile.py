@@ -43,7 +43,8 @@ import numpy as np
 
 from tierstore.config import RowLayout, TableSpec
 from tierstore.errors import CorruptStore
-from tierstore.optim.kernels import PREFETCH_DISTANCE, _prefetch, _prefetch_row
+from tierstore.optim.kernels import (PREFETCH_DISTANCE, _prefetch, _prefetch_row,
+                                     sort_contributions)
 from tierstore.rowinit import initial_rows
 
 MAGIC = b"TSROWS01"
@@ -117,14 +118,46 @@ _pwrite.restype = ctypes.c_ssize_t
 
 
 @numba.njit(nogil=True)
-def _pwrite_records(fd, rec, rows, header):  # pragma: no cover
-    """pwrite record i (uint8 [n, record_bytes]) at ``header + rows[i] * record_bytes`` of file
-    ``fd``; returns how many were written whole (n unless a write failed)."""
+def _pwrite_records(fd, rec, rows, order, header):  # pragma: no cover
+    """pwrite record order[k] (uint8 [n, record_bytes]) at ``header + rows[order[k]] *
+    record_bytes`` of file ``fd``, k = 0..n-1; returns how many were written whole (n unless a
+    write failed)."""
     rb = rec.shape[1]
-    for i in range(rows.shape[0]):
+    for k in range(order.shape[0]):
+        i = order[k]
         if _pwrite(fd, rec[i].ctypes.data, rb, header + rows[i] * rb) != rb:
-            return i
-    return rows.shape[0]
+            return k
+    return order.shape[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter_records(records, rec, rows, order):  # pragma: no cover
+    """records[rows[order[k]]] = rec[order[k]], k = 0..n-1 (through the mapping)."""
+    for k in range(order.shape[0]):
+        i = order[k]
+        records[rows[i]] = rec[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _ascending_order(rows, key_bits):  # pragma: no cover
+    """Indices that visit ``rows`` (ids in [0, 2**key_bits), key_bits <= 31) in ascending
+    order, stably: the radix sort of the update kernel with each id's index as payload."""
+    n = rows.shape[0]
+    keys = np.empty(2 * n, dtype=np.int64)
+    v = sort_contributions(rows, np.arange(n), np.empty(0, dtype=np.float32), key_bits, keys)
+    order = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        order[k] = v[k] & 0xFFFFFFFF
+    return order
+
+
+def _write_order(rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """The order a write batch goes to the file in: ascending row ids (file offsets). One
+    pwrite per row measured 1.9x faster in that order than in a random one (25k rows of 520 B
+    into a 520 MB file: 3.1 against 6.0 us per row); through the mapping, 1.3x."""
+    if num_rows > 2**31 or len(rows) < 2:
+        return np.arange(len(rows), dtype=np.int64)
+    return _ascending_order(rows, max(1, (num_rows - 1).bit_length()))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -441,15 +474,17 @@ class RowFile:
         26 x 100k x 64 (0.7 GB) 1.3x and 26 x 100k x 128 (1.4 GB) 1.2x faster through the
         mapping; 8 x 1M x 64 (2.1 GB) the same either way."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
+        rec = np.ascontiguousarray(rec)
+        order = _write_order(rows, self.spec.num_rows)
         if _write_through_mapping():
-            self.records[rows] = rec
+            _scatter_records(self.records, rec, rows, order)
             self.mm[24:32] = struct.pack("<Q", count)  # header field "written"
             WRITTEN_ROWS["mapping"] += len(rows)
             return
         WRITTEN_ROWS["pwrite"] += len(rows)
-        done = _pwrite_records(self.fd, np.ascontiguousarray(rec), rows, HEADER)
+        done = _pwrite_records(self.fd, rec, rows, order, HEADER)
         if done != len(rows):
-            raise OSError(f"{self.path}: short write of row {int(rows[done])}")
+            raise OSError(f"{self.path}: short write of row {int(rows[order[done]])}")
         if os.pwrite(self.fd, struct.pack("<Q", count), 24) != 8:  # header field "written"
             raise OSError(f"{self.path}: short header write")
 
