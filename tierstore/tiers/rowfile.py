@@ -465,7 +465,8 @@ class RowFile:
     def _apply(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
         """Records into the file, then the header's written count.
 
-        Through the mapping (a memcpy per row) or with one pwrite per row (~0.8 us), see
+        In ascending row order (:func:`_write_order`), through the mapping (a memcpy per row) or
+        with one pwrite per row (~3 us on a 520 MB file), see
         :func:`_write_through_mapping`. A process that writes its mapping owns writable
         page-table entries, and every such page the kernel cleans for writeback costs a TLB
         flush on each CPU running the process: with the writes on the background thread that
