@@ -425,3 +425,56 @@ def test_zipf_traces() -> None:
     for bad in ("zipf:alpha=0.9,n=10,len=3", "zipf:alpha=0.9,n=10,len=3,seed=1,x=2", "zipf:n=a"):
         with pytest.raises(ValueError):
             parse_zipf_spec(bad)
+
+
+def _adaptive_state(policy: AdaptivePolicy) -> tuple:
+    """Everything the adaptive policy decides with (stamps compared by order: the Python path
+    renumbers nothing here, so they are equal outright)."""
+    sk, gh = policy._sketch, policy._ghosts
+    return (policy._seg.tobytes(), policy._stamps.values.tobytes(), policy._stamps.now,
+            list(policy._size), policy._window, policy._direction, policy._run,
+            sk._table.tobytes(), sk.additions, gh._tables[0].tobytes(),
+            gh._tables[1].tobytes(), list(gh._occupied), policy._free._next,
+            policy._free._released.tolist(), policy.pinned.tobytes())
+
+
+@pytest.mark.parametrize("trace_kind", ["zipf", "shifting", "scan"])
+@pytest.mark.parametrize("batch", [2, 37, 500])
+def test_adaptive_batch_kernel_matches_python_path(trace_kind: str, batch: int) -> None:
+    """The numba batch path (adaptive_batch.py) takes exactly the Python path's decisions and
+    leaves exactly its state (segments, stamps, sizes, window, sketch, ghosts, free list),
+    batch after batch, with rows pinned by the tier and slots released in between."""
+    if trace_kind == "zipf":
+        trace = zipf(1.05, 4000, 30_000, seed=7)
+    elif trace_kind == "shifting":
+        trace = shifting_working_set(phases=6)
+    else:
+        rng = np.random.default_rng(3)
+        trace = np.concatenate([rng.integers(0, 300, 8000), np.arange(10_000, 16_000),
+                                rng.integers(0, 300, 8000)])
+    caches = []
+    for kernel in (True, False):
+        policy = AdaptivePolicy(200, sample=2.0)  # small sample: the sketch halves often
+        policy.batch_kernel = kernel
+        caches.append(Cache(policy))
+    rng = np.random.default_rng(11)
+    for i, start in enumerate(range(0, len(trace), batch)):
+        if i % 7 == 3:  # the tier pins a few slots (a reader) for a batch or two
+            pins = rng.choice(200, 5, replace=False)
+            for c in caches:
+                c.policy.pinned[:] = False
+                c.policy.pinned[pins] = True
+        if i % 11 == 5:
+            for c in caches:
+                c.policy.pinned[:] = False
+        if i % 13 == 6:  # the tier drops a few rows
+            occupied = sorted(caches[0].row_in)
+            gone = [occupied[j] for j in rng.choice(len(occupied), min(3, len(occupied)),
+                                                     replace=False)]
+            for c in caches:
+                c.release(list(gone))
+        flags = [c.run(trace[start: start + batch]) for c in caches]
+        assert flags[0] == flags[1], f"batch {i}"
+        assert caches[0].slot_of == caches[1].slot_of, f"batch {i}"
+        assert _adaptive_state(caches[0].policy) == _adaptive_state(caches[1].policy), \
+            f"batch {i}"

@@ -26,7 +26,9 @@ and too slow on half-million-access traces (docs/cache.md).
 Batches of more than one row follow base.py: hits are recorded first (sketch, promotion,
 recency), then the misses enter the window together; the candidates they push out are the
 oldest window rows, dueled pairwise against the oldest main rows. With batch 1 this is exactly
-the per-access algorithm (run by :meth:`AdaptivePolicy._admit_one` for speed).
+the per-access algorithm (run by :meth:`AdaptivePolicy._admit_one` for speed). A batch with
+more than one hit or miss is decided in one numba call (:mod:`.adaptive_batch`), which takes
+the same decisions as the methods below (tests compare the two).
 
 Memory per cached row, defaults: uint8 segment + int32 stamp per slot (5 bytes); the sketch,
 4 x ``sketch_width`` x capacity 4-bit counters (2 bytes); the ghosts, 2 x ``ghost_fraction`` x
@@ -40,8 +42,9 @@ import math
 
 import numpy as np
 
+from .adaptive_batch import access_batch
 from .base import Admission, CachePolicy
-from .sketch import CountMinSketch, GhostLists
+from .sketch import _SKETCH_MULTIPLIERS, CountMinSketch, GhostLists
 from .slots import (
     EMPTY_SLOTS,
     FreeSlots,
@@ -113,6 +116,9 @@ class AdaptivePolicy(CachePolicy):
         self._rows = np.full(c, -1, dtype=np.int64)
         self._owns_rows = True
         self.single_path = True  # use _admit_one for single misses (tests turn it off)
+        #: decide batches (more than one hit or miss) in one numba call (adaptive_batch.py);
+        #: the same decisions as the Python path, which tests compare it with
+        self.batch_kernel = True
         self.reset()
 
     # ----------------------------------------------------------------------------- public API
@@ -146,6 +152,8 @@ class AdaptivePolicy(CachePolicy):
         hit_slots = as_index(hit_slots)
         miss_rows = as_index(miss_rows)
         n_hit, m = len(hit_slots), len(miss_rows)
+        if self.batch_kernel and (m > 1 or n_hit > 1) and self._stamps_last(n_hit + m):
+            return admit_first(m, self._access_batch(hit_slots, miss_rows))
         if n_hit:
             self._sketch.increment(self._rows[hit_slots])
             self._record_hits(hit_slots)
@@ -200,6 +208,36 @@ class AdaptivePolicy(CachePolicy):
         total += sum(pool.nbytes for pool in self._pools.values())
         total += self._sketch.nbytes + self._ghosts.nbytes
         return total + (self._rows.nbytes if self._owns_rows else 0)
+
+    # ------------------------------------------------------------------- the numba batch path
+    def _stamps_last(self, n: int) -> bool:
+        """Whether the stamp clock can serve a batch of ``n`` without renumbering (a batch
+        touches each hit, miss and moved slot at most once per step: at most n + 3 capacity);
+        the Python path renumbers when it must."""
+        return self._stamps.now + n + 3 * self.capacity <= self._stamps.limit
+
+    def _access_batch(self, hit_slots: np.ndarray, miss_rows: np.ndarray) -> np.ndarray:
+        """:meth:`access` in one numba call; returns the slots of the first misses."""
+        sk, gh, free, st = self._sketch, self._ghosts, self._free, self._stamps
+        ints = np.array([st.now, free._next, sk.additions, gh._occupied[WINDOW_GHOST],
+                         gh._occupied[MAIN_GHOST], self._direction, self._run], dtype=np.int64)
+        floats = np.array([self._window], dtype=np.float64)
+        sizes = np.array(self._size, dtype=np.int64)
+        g_pos, g_fp, g_entries, g_modulus = gh._hashing
+        slots, free._released = access_batch(
+            hit_slots, miss_rows, self._rows, self._seg, st.values, self.pinned, sizes,
+            free._released, ints, floats, sk._table, _SKETCH_MULTIPLIERS, sk.width, sk.sample,
+            gh._tables[WINDOW_GHOST], gh._tables[MAIN_GHOST], g_pos, g_fp, g_entries, g_modulus,
+            self.capacity, self._protected_share, self._step, self._momentum,
+            *self._window_bounds, self._owns_rows)
+        st.now, free._next, sk.additions = int(ints[0]), int(ints[1]), int(ints[2])
+        gh._occupied = [int(ints[3]), int(ints[4])]
+        self._direction, self._run = int(ints[5]), int(ints[6])
+        self._window = float(floats[0])
+        self._size = [int(v) for v in sizes]
+        for pool in self._pools.values():  # they missed this batch's moves
+            pool.invalidate()
+        return slots
 
     # ------------------------------------------------------------------------ segment moves
     def _stamp_of(self, slots: np.ndarray) -> np.ndarray:

@@ -350,8 +350,8 @@ class VictimPool:
 @numba.njit(nogil=True, cache=True)
 def stamp_order(stamps, seg, segment, blocked):
     """(slots, stamps, how many blocked) of the occupied slots (stamp >= 0) whose ``seg`` is
-    ``segment`` (every occupied slot if ``seg`` is empty), sorted by stamp: a stable LSD radix
-    sort on stamp - min, 11 bits per pass; O(len(stamps)). ``blocked``: bool per slot."""
+    ``segment`` (every occupied slot if ``seg`` is empty), sorted by stamp (:func:`sort_by_stamp`);
+    O(len(stamps)). ``blocked``: bool per slot."""
     n = 0
     n_blocked = 0
     lo = np.int64(2**62)
@@ -369,6 +369,19 @@ def stamp_order(stamps, seg, segment, blocked):
         if stamps[i] >= 0 and (every or seg[i] == segment):
             a[j] = i
             j += 1
+    a = sort_by_stamp(a, stamps, lo, hi)
+    keys = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        keys[i] = stamps[a[i]]
+    return a, keys, n_blocked
+
+
+@numba.njit(nogil=True, cache=True)
+def sort_by_stamp(slots, stamps, lo, hi):
+    """``slots`` (int64, a new array) ordered by ``stamps[slot]``, all within [lo, hi]: a
+    stable LSD radix sort on stamp - lo, 11 bits per pass."""
+    n = slots.shape[0]
+    a = slots.copy()
     b = np.empty(n, dtype=np.int64)
     hist = np.empty(2048, dtype=np.int64)
     shift = 0
@@ -387,10 +400,7 @@ def stamp_order(stamps, seg, segment, blocked):
             hist[c] += 1
         a, b = b, a
         shift += 11
-    keys = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        keys[i] = stamps[a[i]]
-    return a, keys, n_blocked
+    return a
 
 
 def pin_for_batch(pinned: np.ndarray, slots: np.ndarray) -> np.ndarray:
