@@ -133,3 +133,19 @@ def test_clear_slots_moves_only_the_given_slots_flags():
     assert ck.clear_slots(modified, pos, rows, flags) == 2
     assert flags.nonzero()[0].tolist() == [10, 40]
     assert modified.tolist() == [0, 0, 1, 0, 0]  # slot 2 was not given: kept
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_sum_at_is_torchs_index_add_bit_for_bit(rng, scaled):
+    """The client's per-row gradient sums (sent to the service) equal torch's index_select,
+    multiply and index_add_ exactly: same products, same order of the adds."""
+    import torch
+    from tierstore.tiers.ddr import sum_at
+    at, src = rng.integers(0, 300, 6000), rng.integers(0, 512, 6000)
+    g = rng.standard_normal((512, 24)).astype(np.float32)
+    scale = rng.random(6000).astype(np.float32) if scaled else np.empty(0, np.float32)
+    contrib = torch.from_numpy(g).index_select(0, torch.from_numpy(src))
+    if scaled:
+        contrib = contrib * torch.from_numpy(scale).unsqueeze(1)
+    want = torch.zeros(300, 24).index_add_(0, torch.from_numpy(at), contrib)
+    assert torch.equal(sum_at(at, 300, src, scale, g), want)

@@ -87,6 +87,9 @@ class AttachedTable(SlabWriter):
         self._recent_n = 0
         self._read_gen: int | None = None  # generation an unpinned read started at
         self._force_pinned = False
+        #: the last pinned batch missed: skip the unpinned all-resident attempt (a gather the
+        #: pinned path repeats) until a batch is all resident again
+        self._missed = False
 
     def _attach(self, desc: list, writable: bool) -> np.ndarray:
         seg, arr = _map(desc, writable)
@@ -126,7 +129,7 @@ class AttachedTable(SlabWriter):
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Positions of ``ids`` if all are resident, else None. Read path only: nothing is
         pinned; :meth:`end_op` checks that no eviction overlapped the caller's gather."""
-        if self.index is None or self._force_pinned:
+        if self.index is None or self._force_pinned or self._missed:
             self._force_pinned = False
             return None
         g0 = pins.read_begin(self.ctrl)
@@ -139,15 +142,19 @@ class AttachedTable(SlabWriter):
         elif kernels.gather_positions(ids.numpy(), self.index, out) != kernels.ALL_RESIDENT:
             return None
         self._read_gen = g0
-        n = len(out)
+        self._count_all_hits(out)
+        return torch.from_numpy(out)
+
+    def _count_all_hits(self, pos: np.ndarray) -> None:
+        """Count a batch served wholly from the slab (positions ``pos``) and log its slots
+        for the policy (sent with the next request)."""
+        n = len(pos)
         self.header[pins.LOOKUPS] += n
         self.header[pins.HITS] += n
         if self.tracks_hits and self._recent_n < RECENT_MAX:
-            # tell the policy at the next request which rows this batch used
-            slots = self._distinct_slots(out)
+            slots = self._distinct_slots(pos)
             self._recent.append(slots)
             self._recent_n += len(slots)
-        return torch.from_numpy(out)
 
     def take_recent(self) -> np.ndarray:
         """Slots of the all-hit batches since the last request (and forget them)."""
@@ -162,9 +169,9 @@ class AttachedTable(SlabWriter):
         which admits them and pins them for this operation."""
         st, out = self._pin(ids)
         pos = out.astype(np.int64)
+        self._missed = st != pins.ALL_RESIDENT
         if st == pins.ALL_RESIDENT:  # resident and pinned after all: no request needed
-            self.header[pins.LOOKUPS] += len(ids)
-            self.header[pins.HITS] += len(ids)
+            self._count_all_hits(pos)
             return pos, None
         m = self._rows.split_misses(ids, pos, self._mark, self.tracks_hits)
         got, bypass = self.conn._resolve(self, m.rows, m.hit_slots, len(ids))

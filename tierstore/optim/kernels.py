@@ -341,6 +341,24 @@ def away_updates(ids, pos, src, scale, row_mark, away_rows, away_at, away_src, a
     return n_away, n_rows
 
 
+@numba.njit(**_JIT)
+def sum_at(at, src, scale, g, out):
+    """out[at[i]] += scale[i] * g[src[i]] for every i in input order (scale empty: 1); out is
+    float32 [k, dim], zero on entry. The float32 arithmetic of torch's index_select + mul +
+    index_add_ (one multiply, then the adds in input order), in one pass."""
+    scaled = scale.shape[0] > 0
+    for i in range(at.shape[0]):
+        r = at[i]
+        s = src[i]
+        if scaled:
+            c = scale[i]
+            for d in range(out.shape[1]):
+                out[r, d] += c * g[s, d]
+        else:
+            for d in range(out.shape[1]):
+                out[r, d] += g[s, d]
+
+
 # -- row flags (modified-row records and checkpoint snapshots) ---------------------------------
 
 @numba.njit(**_JIT)

@@ -58,11 +58,13 @@ def _sum_contributions(keys: np.ndarray, src: np.ndarray, scale: np.ndarray,
 def sum_at(at: np.ndarray, k: int, src: np.ndarray, scale: np.ndarray,
            g: np.ndarray) -> torch.Tensor:
     """float32 [k, dim]: row j sums ``scale[i] * g[src[i]]`` over the i with ``at[i] == j``,
-    in input order (scale empty: 1)."""
-    contrib = torch.from_numpy(g).index_select(0, torch.from_numpy(src))
-    if len(scale):
-        contrib = contrib * torch.from_numpy(scale).unsqueeze(1)
-    return torch.zeros(k, g.shape[1]).index_add_(0, torch.from_numpy(at), contrib)
+    in input order (scale empty: 1; g float32 [B, dim]). One numba pass (kernels.sum_at)."""
+    out = np.zeros((k, g.shape[1]), dtype=np.float32)
+    kernels.sum_at(np.ascontiguousarray(at, dtype=np.int64),
+                   np.ascontiguousarray(src, dtype=np.int64),
+                   np.ascontiguousarray(scale, dtype=np.float32),
+                   np.ascontiguousarray(g, dtype=np.float32), out)
+    return torch.from_numpy(out)
 
 
 @dataclass
