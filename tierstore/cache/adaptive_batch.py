@@ -30,42 +30,64 @@ _JIT = dict(nogil=True, cache=True)
 
 
 @numba.njit(**_JIT)
-def oldest(stamps, seg, segment, pinned, k):
-    """Up to ``k`` slots of ``segment`` that are not pinned, smallest stamp first: one scan
-    lists the segment's members, a histogram of their stamps finds the buckets holding the
-    oldest ``k``, and only those members are sorted."""
+def oldest(stamps, seg, segment, pinned, size, k):
+    """Up to ``k`` slots of ``segment`` (which holds ``size`` slots) that are not pinned,
+    smallest stamp first.
+
+    One scan packs each member as ``stamp << 32 | slot``; a histogram of the stamps finds the
+    buckets that hold the oldest ``k``, and only those members are sorted. Segments are spread
+    over the slots at random: when one holds between a third and 95% of them, a branch per
+    slot would mispredict often, and the scan runs branchless (on 100k slots: 2x faster for a
+    three-quarter segment; slower for a fifth or a twentieth, where the branch is cheap)."""
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    members = np.empty(stamps.shape[0], dtype=np.int64)
+    c = stamps.shape[0]
+    packed = np.empty(c, dtype=np.int64)
     n = 0
     lo = np.int64(2**62)
     hi = np.int64(-1)
-    for i in range(stamps.shape[0]):
-        if seg[i] == segment and not pinned[i]:
-            members[n] = i
-            n += 1
-            lo = min(lo, np.int64(stamps[i]))
-            hi = max(hi, np.int64(stamps[i]))
-    if n <= k:
-        return sort_by_stamp(members[:n], stamps, lo, hi)
-    shift = 0
-    while ((hi - lo) >> shift) >= _BUCKETS:
-        shift += 1
-    hist = np.zeros(_BUCKETS, dtype=np.int64)
-    for j in range(n):
-        hist[(np.int64(stamps[members[j]]) - lo) >> shift] += 1
-    total = 0
-    b = 0
-    while total + hist[b] < k:
-        total += hist[b]
-        b += 1
-    limit = lo + ((b + 1) << shift) - 1  # the members with stamp <= limit: k or a few more
-    m = 0
-    for j in range(n):
-        if stamps[members[j]] <= limit:
-            members[m] = members[j]
-            m += 1
-    return sort_by_stamp(members[:m], stamps, lo, min(hi, limit))[:k]
+    if 3 * size > c and 20 * size < 19 * c:
+        for i in range(c):
+            t = np.int64(stamps[i])
+            ok = (seg[i] == segment) & (not pinned[i])
+            packed[n] = (t << 32) | i
+            n += ok
+            lo = min(lo, t if ok else lo)
+            hi = max(hi, t if ok else hi)
+    else:
+        for i in range(c):
+            if seg[i] == segment and not pinned[i]:
+                t = np.int64(stamps[i])
+                packed[n] = (t << 32) | i
+                n += 1
+                lo = min(lo, t)
+                hi = max(hi, t)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    m = n
+    if n > k:
+        shift = 0
+        while ((hi - lo) >> shift) >= _BUCKETS:
+            shift += 1
+        hist = np.zeros(_BUCKETS, dtype=np.int64)
+        for j in range(n):
+            hist[((packed[j] >> 32) - lo) >> shift] += 1
+        total = 0
+        b = 0
+        while total + hist[b] < k:
+            total += hist[b]
+            b += 1
+        limit = lo + ((b + 1) << shift) - 1  # members with stamp <= limit: k or a few more
+        m = 0
+        for j in range(n):
+            v = packed[j]
+            packed[m] = v
+            m += (v >> 32) <= limit
+        hi = min(hi, limit)
+    chosen = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        chosen[j] = packed[j] & 0xFFFFFFFF
+    return sort_by_stamp(chosen, stamps, lo, hi)[:k]
 
 
 @numba.njit(**_JIT)
@@ -106,8 +128,8 @@ def _demote_protected_overflow(seg, stamps, sizes, pinned, ints, floats, capacit
     limit = np.int64(share * (capacity - _window_target(floats)))
     excess = sizes[PROTECTED] - limit
     if excess > 0:
-        _place(oldest(stamps, seg, PROTECTED, pinned, excess), PROBATION, seg, stamps, sizes,
-               ints)
+        demoted = oldest(stamps, seg, PROTECTED, pinned, sizes[PROTECTED], excess)
+        _place(demoted, PROBATION, seg, stamps, sizes, ints)
 
 
 @numba.njit(**_JIT)
@@ -212,11 +234,11 @@ def access_batch(hit_slots, miss_rows, rows, seg, stamps, pinned, sizes, release
     free, released = _take_free(m, pinned, released, ints, capacity)
     need = m - free.shape[0]
     leaving = max(0, sizes[WINDOW] + m - _window_target(floats))
-    candidates = oldest(stamps, seg, WINDOW, pinned, leaving)
+    candidates = oldest(stamps, seg, WINDOW, pinned, sizes[WINDOW], leaving)
     n_duels = min(need, candidates.shape[0])
-    victims = oldest(stamps, seg, PROBATION, pinned, need)
+    victims = oldest(stamps, seg, PROBATION, pinned, sizes[PROBATION], need)
     if victims.shape[0] < need:
-        victims = _concat(victims, oldest(stamps, seg, PROTECTED, pinned,
+        victims = _concat(victims, oldest(stamps, seg, PROTECTED, pinned, sizes[PROTECTED],
                                           need - victims.shape[0]))
     n_ch = min(n_duels, victims.shape[0])
     keys = np.empty(2 * n_ch, dtype=np.int64)
@@ -253,7 +275,8 @@ def access_batch(hit_slots, miss_rows, rows, seg, stamps, pinned, sizes, release
         npro += 1
     shortfall = need - nr - ne
     if shortfall > 0:  # main is empty or pinned: fall back to older window rows
-        older = oldest(stamps, seg, WINDOW, pinned, candidates.shape[0] + shortfall)
+        older = oldest(stamps, seg, WINDOW, pinned, sizes[WINDOW],
+                       candidates.shape[0] + shortfall)
         for j in range(candidates.shape[0], older.shape[0]):
             rejected[nr] = older[j]
             nr += 1

@@ -378,28 +378,34 @@ def stamp_order(stamps, seg, segment, blocked):
 
 @numba.njit(nogil=True, cache=True)
 def sort_by_stamp(slots, stamps, lo, hi):
-    """``slots`` (int64, a new array) ordered by ``stamps[slot]``, all within [lo, hi]: a
-    stable LSD radix sort on stamp - lo, 11 bits per pass."""
+    """``slots`` (int64, below 2**32; a new array) ordered by ``stamps[slot]``, all within
+    [lo, hi] (hi - lo < 2**31): each slot is packed with its stamp - lo into one int64 (one
+    gather), then a stable LSD radix sort on the stamp part, 11 bits per pass, runs over
+    sequential memory."""
     n = slots.shape[0]
-    a = slots.copy()
+    a = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        a[i] = ((np.int64(stamps[slots[i]]) - lo) << 32) | slots[i]
     b = np.empty(n, dtype=np.int64)
     hist = np.empty(2048, dtype=np.int64)
     shift = 0
-    while n > 1 and shift < 63 and ((hi - lo) >> shift) > 0:
+    while n > 1 and shift < 31 and ((hi - lo) >> shift) > 0:
         hist[:] = 0
         for i in range(n):
-            hist[((stamps[a[i]] - lo) >> shift) & 2047] += 1
+            hist[(a[i] >> (32 + shift)) & 2047] += 1
         t = 0
         for c in range(2048):
             h = hist[c]
             hist[c] = t
             t += h
         for i in range(n):
-            c = ((stamps[a[i]] - lo) >> shift) & 2047
+            c = (a[i] >> (32 + shift)) & 2047
             b[hist[c]] = a[i]
             hist[c] += 1
         a, b = b, a
         shift += 11
+    for i in range(n):
+        a[i] &= 0xFFFFFFFF
     return a
 
 
