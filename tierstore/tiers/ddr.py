@@ -36,6 +36,7 @@ from tierstore.tiers import pins, shm
 from tierstore.rowinit import initial_rows
 from tierstore.tiers.index import IN_RANGE, DenseIndex, HashIndex, identity_positions
 from tierstore.tiers.marks import RowMarks
+from tierstore.tiers.rowfile import writer_busy
 
 _EMPTY = np.empty(0, dtype=np.int64)
 #: a table that fits in DRAM is loaded whole (row r in slot r) at open if its rows take at most
@@ -842,9 +843,9 @@ class DDRCache(SlabWriter):
         w, s = np.ascontiguousarray(w), np.ascontiguousarray(s)
         flags = np.zeros(len(rows), dtype=np.uint8)
         update = getattr(self.backing, "update", None)
-        if update is not None and self._fusable(w, len(at), len(g)):
-            # on the row file's background thread: the caller's gradient may change once we
-            # return, so the job gets a copy (the other arrays are this call's own)
+        if update is not None and self._fusable(w, len(at), len(g)) and not writer_busy():
+            # on the row file's background thread (idle now): the caller's gradient may
+            # change once we return, so the job gets a copy (the other arrays are our own)
             g = g.copy()
             update(rows, w, s, lambda w, s: self._fused_update(
                 at, src, scale, g, w, s, flags, flags, scratch=np.empty(2 * len(at), np.int64)))
