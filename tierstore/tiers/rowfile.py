@@ -148,14 +148,6 @@ def _pwrite_records(fd, rec, rows, order, header):  # pragma: no cover
 
 
 @numba.njit(nogil=True, cache=True)
-def _scatter_records(records, rec, rows, order):  # pragma: no cover
-    """records[rows[order[k]]] = rec[order[k]], k = 0..n-1 (through the mapping)."""
-    for k in range(order.shape[0]):
-        i = order[k]
-        records[rows[i]] = rec[i]
-
-
-@numba.njit(nogil=True, cache=True)
 def _ascending_order(rows, key_bits):  # pragma: no cover
     """Indices that visit ``rows`` (ids in [0, 2**key_bits), key_bits <= 31) in ascending
     order, stably: the radix sort of the update kernel with each id's index as payload."""
@@ -169,9 +161,11 @@ def _ascending_order(rows, key_bits):  # pragma: no cover
 
 
 def _write_order(rows: np.ndarray, num_rows: int) -> np.ndarray:
-    """The order a write batch goes to the file in: ascending row ids (file offsets). One
+    """The order a pwrite batch goes to the file in: ascending row ids (file offsets). One
     pwrite per row measured 1.9x faster in that order than in a random one (25k rows of 520 B
-    into a 520 MB file: 3.1 against 6.0 us per row); through the mapping, 1.3x."""
+    into a 520 MB file: 3.1 against 6.0 us per row). Writes through the mapping keep the
+    batch's order: there the sort (~7 ns a row on the write thread) cost more than it saved
+    (uniform ids at 26 x 100k x 64, pooling 20, 10% DRAM: 472 ms per step sorted, 395 not)."""
     if num_rows > 2**31 or len(rows) < 2:
         return np.arange(len(rows), dtype=np.int64)
     return _ascending_order(rows, max(1, (num_rows - 1).bit_length()))
@@ -485,8 +479,8 @@ class RowFile:
     def _apply(self, rows: np.ndarray, rec: np.ndarray, count: int) -> None:
         """Records into the file, then the header's written count.
 
-        In ascending row order (:func:`_write_order`), through the mapping (a memcpy per row) or
-        with one pwrite per row (~3 us on a 520 MB file), see
+        Through the mapping (a memcpy per row) or with one pwrite per row in ascending row
+        order (~3 us on a 520 MB file, :func:`_write_order`), see
         :func:`_write_through_mapping`. A process that writes its mapping owns writable
         page-table entries, and every such page the kernel cleans for writeback costs a TLB
         flush on each CPU running the process: with the writes on the background thread that
@@ -495,15 +489,14 @@ class RowFile:
         26 x 100k x 64 (0.7 GB) 1.3x and 26 x 100k x 128 (1.4 GB) 1.2x faster through the
         mapping; 8 x 1M x 64 (2.1 GB) the same either way."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        rec = np.ascontiguousarray(rec)
-        order = _write_order(rows, self.spec.num_rows)
         if _write_through_mapping():
-            _scatter_records(self.records, rec, rows, order)
+            self.records[rows] = rec
             self.mm[24:32] = struct.pack("<Q", count)  # header field "written"
             WRITTEN_ROWS["mapping"] += len(rows)
             return
         WRITTEN_ROWS["pwrite"] += len(rows)
-        done = _pwrite_records(self.fd, rec, rows, order, HEADER)
+        order = _write_order(rows, self.spec.num_rows)
+        done = _pwrite_records(self.fd, np.ascontiguousarray(rec), rows, order, HEADER)
         if done != len(rows):
             raise OSError(f"{self.path}: short write of row {int(rows[order[done]])}")
         if os.pwrite(self.fd, struct.pack("<Q", count), 24) != 8:  # header field "written"
