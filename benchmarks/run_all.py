@@ -138,15 +138,20 @@ def render_lookup(res: dict[str, Any]) -> str:
             out += ["", "Threads: every step runs on one thread (OMP_NUM_THREADS=1), except that "
                     "the 10% DRAM store writes evicted and updated rows to its row files on one "
                     "background thread (tierstore/tiers/rowfile.py), which uses part of the "
-                    "second core. All-in-DRAM stores write nothing to SCM while training.",
+                    "second core; when that thread is idle it also computes the optimizer step "
+                    "of the rows updated on SCM (RowFile.update). All-in-DRAM stores write "
+                    "nothing to SCM while training.",
                     "", "Row-file writes: while the process's row files total no more than the "
-                    "kernel's dirty background threshold (/proc/vmstat, about 2.2 GB on this "
-                    "machine) the background thread writes through the mapping, beyond it with "
-                    "one pwrite per row (docs/engine.md, SCM); the SCM writes column says which "
-                    "path the timed steps took. 8 x 1M x 128 (4.2 GB of row files) always takes "
-                    "pwrite, and its steps wait on that thread; 8 x 1M x 64 (2.1 GB) sits at the "
-                    "threshold and takes either (measured alone: 79 ms per step through the "
-                    "mapping, 114-120 ms with pwrite). FBGEMM's TBE of each configuration is "
+                    "kernel's dirty background threshold (/proc/vmstat, 2.1-2.3 GB on this "
+                    "machine, depending on free memory) the background thread writes through the "
+                    "mapping, beyond it with one pwrite per row in row order (docs/engine.md, "
+                    "SCM); the SCM writes column says which path the timed steps took. "
+                    "8 x 1M x 128 (4.2 GB of row files) always takes pwrite, and its steps wait "
+                    "on that thread; 8 x 1M x 64 (2.11 GB) sits at the threshold and takes either: "
+                    "in the four full runs of 2026-11-27 it measured 79 and 83 ms per step "
+                    "through the mapping, 227 and 263 ms with pwrite (114 ms with pwrite when "
+                    "run alone, so the rest comes from the state the earlier configurations "
+                    "leave the kernel's writeback in). FBGEMM's TBE of each configuration is "
                     "freed before the 10% store is created."]
     return "\n".join(out)
 
