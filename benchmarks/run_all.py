@@ -149,10 +149,13 @@ def render_lookup(res: dict[str, Any]) -> str:
                     "8 x 1M x 128 (4.2 GB of row files) always takes pwrite, and its steps wait "
                     "on that thread; 8 x 1M x 64 (2.11 GB) sits at the threshold and takes either: "
                     "in the four full runs of 2026-11-27 it measured 79 and 83 ms per step "
-                    "through the mapping, 227 and 263 ms with pwrite (114 ms with pwrite when "
-                    "run alone, so the rest comes from the state the earlier configurations "
-                    "leave the kernel's writeback in). FBGEMM's TBE of each configuration is "
-                    "freed before the 10% store is created."]
+                    "through the mapping, 227 and 263 ms with pwrite. Run alone with pwrite it "
+                    "measures 140 ms (`TIERSTORE_SCM_WRITES=pwrite tierstore bench train --dims "
+                    "64 --pooling 20 --dist zipf:1.05 --tables 8 --dram-fraction 0.1`), 114 ms "
+                    "without its FBGEMM and all-DRAM runs before it; the rest of the full runs' "
+                    "time follows the configurations run earlier in the process (not traced "
+                    "further). FBGEMM's TBE of each configuration is freed before the 10% store "
+                    "is created."]
     return "\n".join(out)
 
 
