@@ -19,6 +19,8 @@ from typing import Callable
 import numba
 import numpy as np
 
+from tierstore.optim.kernels import bits_for, sort_payloads
+
 from .base import Admission
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -379,34 +381,12 @@ def stamp_order(stamps, seg, segment, blocked):
 @numba.njit(nogil=True, cache=True)
 def sort_by_stamp(slots, stamps, lo, hi):
     """``slots`` (int64, below 2**32; a new array) ordered by ``stamps[slot]``, all within
-    [lo, hi] (hi - lo < 2**31): each slot is packed with its stamp - lo into one int64 (one
-    gather), then a stable LSD radix sort on the stamp part, 11 bits per pass, runs over
-    sequential memory."""
-    n = slots.shape[0]
-    a = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        a[i] = ((np.int64(stamps[slots[i]]) - lo) << 32) | slots[i]
-    b = np.empty(n, dtype=np.int64)
-    hist = np.empty(2048, dtype=np.int64)
-    shift = 0
-    while n > 1 and shift < 31 and ((hi - lo) >> shift) > 0:
-        hist[:] = 0
-        for i in range(n):
-            hist[(a[i] >> (32 + shift)) & 2047] += 1
-        t = 0
-        for c in range(2048):
-            h = hist[c]
-            hist[c] = t
-            t += h
-        for i in range(n):
-            c = (a[i] >> (32 + shift)) & 2047
-            b[hist[c]] = a[i]
-            hist[c] += 1
-        a, b = b, a
-        shift += 11
-    for i in range(n):
-        a[i] &= 0xFFFFFFFF
-    return a
+    [lo, hi] (hi - lo < 2**31): the update kernel's radix sort on stamp - lo, the slots as
+    payload (one gather, then sequential memory)."""
+    keys = np.empty(slots.shape[0], dtype=np.int64)
+    for i in range(slots.shape[0]):
+        keys[i] = np.int64(stamps[slots[i]]) - lo
+    return sort_payloads(keys, slots, bits_for(max(hi - lo, 0)))
 
 
 def pin_for_batch(pinned: np.ndarray, slots: np.ndarray) -> np.ndarray:

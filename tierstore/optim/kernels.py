@@ -125,6 +125,29 @@ def sort_contributions(pos, src, scale, key_bits, keys):
     return a
 
 
+@numba.njit(**_JIT)
+def sort_payloads(keys, payload, key_bits):
+    """``payload`` (int64 in [0, 2**32)) ordered by ``keys`` (ints in [0, 2**key_bits),
+    key_bits <= 31), stably, as a new array: :func:`sort_contributions` with the payload
+    as its source rows."""
+    n = keys.shape[0]
+    scratch = np.empty(2 * n, dtype=np.int64)
+    v = sort_contributions(keys, payload, np.empty(0, dtype=np.float32), key_bits, scratch)
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        out[i] = v[i] & 0xFFFFFFFF
+    return out
+
+
+@numba.njit(**_JIT)
+def bits_for(span):
+    """Bits needed to hold ints in [0, span] (at least 1)."""
+    b = 1
+    while (np.int64(1) << b) <= span:
+        b += 1
+    return b
+
+
 @numba.njit(inline="always", **_JIT)
 def _prefetch_slab_row(w, state, p):
     _prefetch_row(w, p)
