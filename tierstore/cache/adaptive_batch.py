@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .sketch import _estimate_batch, _ghost_add, _ghost_lookup, _increment_batch
+from .sketch import _estimate_batch, _ghost_add, _ghost_lookup, count_batch
 from .slots import sort_by_stamp
 
 FREE, WINDOW, PROBATION, PROTECTED = 0, 1, 2, 3
@@ -105,17 +105,10 @@ def _place(slots, segment, seg, stamps, sizes, ints):
 
 @numba.njit(**_JIT)
 def _increment(sketch, rows, multipliers, width, sample, ints):
-    """``CountMinSketch.increment``: count each row once, halve every ``sample``."""
-    n = rows.shape[0]
-    if n == 0:
-        return
-    seen = np.zeros((multipliers.shape[0] * width + 7) // 8, dtype=np.uint8)
-    _increment_batch(sketch, rows.view(np.uint64), multipliers, width, np.uint8(15), seen)
-    ints[ADDITIONS] += n
-    if ints[ADDITIONS] >= sample:
-        for i in range(sketch.shape[0]):
-            sketch[i] = (sketch[i] >> np.uint8(1)) & np.uint8(0x77)
-        ints[ADDITIONS] //= 2
+    """``CountMinSketch.increment`` of ``rows`` (int64, distinct), additions kept in ints."""
+    if rows.shape[0]:
+        ints[ADDITIONS] = count_batch(sketch, rows.view(np.uint64), multipliers, width,
+                                      ints[ADDITIONS], sample)
 
 
 @numba.njit(**_JIT)

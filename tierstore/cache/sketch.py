@@ -29,6 +29,7 @@ _MULTIPLIERS = np.array(
 _MULTIPLIER_INTS = [int(a) for a in _MULTIPLIERS.ravel()]
 _MASK64 = (1 << 64) - 1
 SKETCH_HASHES = 4  # rows of the count-min sketch: hashes 0..3
+SKETCH_MAX_COUNT = 15  # a counter saturates here (4 bits)
 # hash 4: position in a ghost list, hash 5: fingerprint (hash 6 is spare)
 _SHIFT32 = np.uint64(32)
 _SKETCH_MULTIPLIERS = np.ascontiguousarray(_MULTIPLIERS[:SKETCH_HASHES, 0])
@@ -90,6 +91,28 @@ def _increment_batch(table, keys, multipliers, width, max_count, seen):
 
 
 @numba.njit(nogil=True, cache=True)
+def count_batch(table, keys, multipliers, width, additions, sample):
+    """CountMinSketch.increment of a batch of ``keys`` (uint64, distinct rows): raise their
+    counters (:func:`_increment_batch`), add ``len(keys)`` to ``additions`` and halve every
+    counter once that reaches ``sample``. Returns the new ``additions``."""
+    seen = np.zeros((multipliers.shape[0] * width + 7) // 8, dtype=np.uint8)
+    _increment_batch(table, keys, multipliers, width, np.uint8(SKETCH_MAX_COUNT), seen)
+    additions += keys.shape[0]
+    if additions >= sample:
+        _halve(table)
+        additions //= 2
+    return additions
+
+
+@numba.njit(nogil=True, cache=True)
+def _halve(table):
+    """Halve every 4-bit counter (two per byte): shift, then drop the bits that crossed from
+    the high nibble into the low one."""
+    for i in range(table.shape[0]):
+        table[i] = (table[i] >> np.uint8(1)) & np.uint8(0x77)
+
+
+@numba.njit(nogil=True, cache=True)
 def _estimate_batch(table, keys, multipliers, width, out):
     """CountMinSketch.estimate of a batch: out[i] = the smallest of row i's counters."""
     for i in range(keys.shape[0]):
@@ -133,7 +156,7 @@ class CountMinSketch:
     for the call).
     """
 
-    MAX_COUNT = 15
+    MAX_COUNT = SKETCH_MAX_COUNT
 
     def __init__(self, width: int, sample: int) -> None:
         self.width = max(2, int(width) + int(width) % 2)
@@ -165,15 +188,19 @@ class CountMinSketch:
     def increment(self, rows: np.ndarray) -> None:
         """Count one access of each row (distinct rows); halves everything every ``sample``."""
         n = len(rows)
+        if n > 1:
+            self.additions = int(count_batch(self._table, _keys(rows), _SKETCH_MULTIPLIERS,
+                                             self.width, self.additions, self.sample))
+            return
         if n == 1:
             self._increment_one(int(rows[0]))
-        elif n > 1:
-            seen = np.zeros((SKETCH_HASHES * self.width + 7) // 8, dtype=np.uint8)
-            _increment_batch(self._table, _keys(rows), _SKETCH_MULTIPLIERS, self.width,
-                             np.uint8(self.MAX_COUNT), seen)
         self.additions += n
         if self.additions >= self.sample:
             self._halve()
+
+    def _halve(self) -> None:
+        _halve(self._table)
+        self.additions //= 2
 
     def _increment_one(self, row: int) -> None:
         table = self._bytes
@@ -182,11 +209,6 @@ class CountMinSketch:
             value = table[byte]
             if (value >> shift) & 15 != 15:
                 table[byte] = value + (1 << shift)
-
-    def _halve(self) -> None:
-        np.right_shift(self._table, 1, out=self._table)
-        np.bitwise_and(self._table, 0x77, out=self._table)  # drop bits shifted across nibbles
-        self.additions //= 2
 
     @property
     def nbytes(self) -> int:
