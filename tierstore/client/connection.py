@@ -19,6 +19,7 @@ slab, transparently) or for a fault of its own, which is raised by the connectio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -45,13 +46,13 @@ _RETRIES = 8  # re-attachments in a row before giving up on a table that keeps m
 @dataclass
 class _PendingApply:
     """An ``apply`` request sent without waiting for its reply: what to send again if the
-    table was re-planned, and the mailbox bytes [lo, hi) the service may still be reading."""
+    table was re-planned, and where its payload starts (it runs to the mailbox's end; the
+    service may still be reading it)."""
 
     table: str
     rows: np.ndarray
     summed: np.ndarray
     lo: int
-    hi: int
 
 def _error_classes() -> dict[str, type[Exception]]:
     from tierstore.ckpt.format import CheckpointError, CorruptCheckpoint
@@ -296,7 +297,7 @@ class Connection:
                                f"mailbox ({len(self._mailbox)} bytes); raise mailbox_bytes "
                                f"or send smaller batches")
         p = self._pending
-        assert p is None or end <= p.lo or offset >= p.hi, "mailbox bytes still in use"
+        assert p is None or end <= p.lo, "mailbox bytes still in use"
         self._mailbox[offset:end] = raw
         return (end + 7) // 8 * 8
 
@@ -380,7 +381,7 @@ class Connection:
         lo = (len(self._mailbox) - rows.nbytes - summed.nbytes) // 8 * 8
         self._put(self._put(lo, rows), summed)
         self._send({"op": "apply", "table": t.name, "rows": len(rows), "at": lo})
-        self._pending = _PendingApply(t.name, rows, summed, lo, len(self._mailbox))
+        self._pending = _PendingApply(t.name, rows, summed, lo)
 
     # -- service-wide ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -443,11 +444,10 @@ class Connection:
         The reply of a pipelined update still in flight is read first: a refusal is raised
         after the connection is closed."""
         failure = None
-        if self._pending is not None and self._lost is None:
+        if self._lost is None:
             try:
-                self._drain()
-            except ConnectionLost:
-                pass
+                with contextlib.suppress(ConnectionLost):  # a dead service has no reply
+                    self._drain()
             except Exception as e:  # noqa: BLE001 - raised below, once everything is released
                 failure = e
         self._pending = None
