@@ -39,7 +39,7 @@ def oldest(stamps, seg, segment, pinned, size, k):
     over the slots at random: when one holds between a third and 95% of them, a branch per
     slot would mispredict often, and the scan runs branchless (on 100k slots: 2x faster for a
     three-quarter segment; slower for a fifth or a twentieth, where the branch is cheap)."""
-    if k <= 0:
+    if k <= 0 or size <= 0:
         return np.empty(0, dtype=np.int64)
     c = stamps.shape[0]
     packed = np.empty(c, dtype=np.int64)
@@ -227,12 +227,16 @@ def access_batch(hit_slots, miss_rows, rows, seg, stamps, pinned, sizes, release
     free, released = _take_free(m, pinned, released, ints, capacity)
     need = m - free.shape[0]
     leaving = max(0, sizes[WINDOW] + m - _window_target(floats))
-    candidates = oldest(stamps, seg, WINDOW, pinned, sizes[WINDOW], leaving)
-    n_duels = min(need, candidates.shape[0])
     victims = oldest(stamps, seg, PROBATION, pinned, sizes[PROBATION], need)
     if victims.shape[0] < need:
         victims = _concat(victims, oldest(stamps, seg, PROTECTED, pinned, sizes[PROTECTED],
                                           need - victims.shape[0]))
+    # the window's oldest rows: the candidates, then (one scan for both) the older window rows
+    # that make up a shortfall of victims below
+    window_oldest = oldest(stamps, seg, WINDOW, pinned, sizes[WINDOW],
+                           leaving + max(0, need - victims.shape[0]))
+    candidates = window_oldest[:leaving]
+    n_duels = min(need, candidates.shape[0])
     n_ch = min(n_duels, victims.shape[0])
     keys = np.empty(2 * n_ch, dtype=np.int64)
     for j in range(n_ch):
@@ -268,10 +272,9 @@ def access_batch(hit_slots, miss_rows, rows, seg, stamps, pinned, sizes, release
         npro += 1
     shortfall = need - nr - ne
     if shortfall > 0:  # main is empty or pinned: fall back to older window rows
-        older = oldest(stamps, seg, WINDOW, pinned, sizes[WINDOW],
-                       candidates.shape[0] + shortfall)
-        for j in range(candidates.shape[0], older.shape[0]):
-            rejected[nr] = older[j]
+        for j in range(candidates.shape[0],
+                       min(window_oldest.shape[0], candidates.shape[0] + shortfall)):
+            rejected[nr] = window_oldest[j]
             nr += 1
     for which in range(2):
         slots = rejected[:nr] if which == 0 else evicted[:ne]
