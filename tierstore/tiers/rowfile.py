@@ -43,7 +43,7 @@ import numpy as np
 
 from tierstore.config import RowLayout, TableSpec
 from tierstore.errors import CorruptStore
-from tierstore.optim.kernels import (PREFETCH_DISTANCE, _prefetch, _prefetch_row,
+from tierstore.optim.kernels import (PREFETCH_DISTANCE, _prefetch, _prefetch_row, bits_for,
                                      sort_payloads)
 from tierstore.rowinit import initial_rows
 
@@ -156,7 +156,7 @@ def _write_order(rows: np.ndarray, num_rows: int) -> np.ndarray:
     order = np.arange(len(rows), dtype=np.int64)
     if num_rows > 2**31 or len(rows) < 2:
         return order
-    return sort_payloads(rows, order, max(1, (num_rows - 1).bit_length()))
+    return sort_payloads(rows, order, bits_for(num_rows - 1))
 
 
 @numba.njit(nogil=True, cache=True)
