@@ -36,7 +36,8 @@ from tierstore.tiers import pins, shm
 from tierstore.rowinit import initial_rows
 from tierstore.tiers.index import IN_RANGE, DenseIndex, HashIndex, identity_positions
 from tierstore.tiers.marks import RowMarks
-from tierstore.tiers.rowfile import writer_busy
+from tierstore.tiers.exchange import EVICTED, FRESH, WRITTEN, exchange_rows
+from tierstore.tiers.rowfile import as_bytes, writer_busy
 
 _EMPTY = np.empty(0, dtype=np.int64)
 #: a table that fits in DRAM is loaded whole (row r in slot r) at open if its rows take at most
@@ -595,6 +596,12 @@ class DDRCache(SlabWriter):
         if bind is not None:  # the policy reads slot -> row from our array (no copy)
             bind(self.row_of_pos[1:])
         self._dense = self.index.array if isinstance(self.index, DenseIndex) else None
+        #: the row file :meth:`_exchange` admits from (dense tables on a row file), else None
+        self._exchange_file = (backing if self._dense is not None and self.tracker.flags
+                               is not None and hasattr(backing, "write_records") else None)
+        #: admit batches with the one-pass kernel where it applies (:meth:`_exchange`); the
+        #: numpy steps otherwise, which tests compare it with
+        self.exchange_kernel = True
         self._track_hits = policy.tracks_hits
         self.resident = 0
         self.counters = dict(lookups=0, hits=0, misses=0, evictions=0, writebacks=0, bypassed=0)
@@ -704,8 +711,13 @@ class DDRCache(SlabWriter):
             self._remember_positions(ids, pos)
             return pos, None
         adm = self.policy.access(m.hit_slots, m.rows)
-        self._admit(m.rows[adm.admit], np.asarray(adm.slots, dtype=np.int64) + 1)
-        got = self.positions(m.rows)
+        admitted = np.asarray(adm.slots, dtype=np.int64) + 1
+        if len(admitted) == len(m.rows):  # all admitted (the slots follow m.rows)
+            self._admit(m.rows, admitted)
+            got = admitted
+        else:
+            self._admit(m.rows[adm.admit], admitted)
+            got = self.positions(m.rows)
         pos[m.at] = got[m.where]
         self._remember_positions(ids, pos)
         rest = m.rows[~adm.admit]
@@ -759,6 +771,9 @@ class DDRCache(SlabWriter):
             self._admit_rows(rows, pos)
 
     def _admit_rows(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        if self.exchange_kernel and self._exchange_file is not None and self.cow is None:
+            self._exchange(rows, pos)
+            return
         old = self.row_of_pos[pos]
         occupied = old >= 0
         if occupied.any():
@@ -766,6 +781,35 @@ class DDRCache(SlabWriter):
             self.resident -= int(occupied.sum())
         self._read_into_slots(rows, pos)
         self._install(rows, pos)
+
+    def _exchange(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        """:meth:`_admit_rows` (evict what ``pos`` holds, read ``rows`` in) in one kernel pass
+        over the row file's records (tiers/exchange.py): dense tables on a row file, no
+        snapshot open. Same effects, counters and writes."""
+        rf = self._exchange_file
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        rf.wait_for(rows)
+        n = len(rows)
+        rec = np.empty((n, self.layout.record_bytes), dtype=np.uint8)
+        out_rows = np.empty(n, dtype=np.int64)
+        fresh = np.empty(n, dtype=np.int64)
+        counts = np.zeros(3, dtype=np.int64)
+        exchange_rows(rf.records, rows, pos, self.layout.state_offset, self.layout.flag_offset,
+                      as_bytes(self.weights), as_bytes(self.state), self.row_of_pos, self.dirty,
+                      self.modified, self.tracker.flags, self._dense, rec, out_rows, fresh,
+                      counts)
+        evicted, written, nf = int(counts[EVICTED]), int(counts[WRITTEN]), int(counts[FRESH])
+        rf.write_records(out_rows[:written], rec[:written])
+        if nf:
+            f = fresh[:nf]
+            self.weights[pos[f]] = initial_rows(self.spec.init, self.spec.seed, rows[f],
+                                                self.spec.dim, self.layout.np_dtype)
+            self.state[pos[f]] = 0.0
+        self.counters["evictions"] += evicted
+        self.counters["writebacks"] += written
+        self.resident += n - evicted
+        self._epoch += 1
 
     def _read_into_slots(self, rows: np.ndarray, pos: np.ndarray) -> None:
         """Copy ``rows`` from SCM into the slab rows ``pos`` (the twin of :meth:`_write_back`):

@@ -207,7 +207,32 @@ def _pack_slots(w_in, s_in, pos, soff, flag, rec):  # pragma: no cover
             out[b] = 0
 
 
-def _bytes(a: np.ndarray) -> np.ndarray:
+@numba.njit(nogil=True, cache=True)
+def _count_unwritten(records, rows, flag):  # pragma: no cover
+    """How many of records ``rows`` have their written flag clear."""
+    n = 0
+    for i in range(rows.shape[0]):
+        n += records[rows[i], flag] == 0
+    return n
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter_records(records, rows, rec):  # pragma: no cover
+    """``records[rows[i]] = rec[i]``: numpy's scatter holds the GIL, and here each write may
+    take a page fault (a page the kernel cleaned for writeback), which stalled the training
+    thread waiting to take the GIL back after its own kernels."""
+    rb = rec.shape[1]
+    n = rows.shape[0]
+    for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            _prefetch(records, (rows[i + PREFETCH_DISTANCE], 0))
+        dst = records[rows[i]]
+        src = rec[i]
+        for b in range(rb):
+            dst[b] = src[b]
+
+
+def as_bytes(a: np.ndarray) -> np.ndarray:
     """A C-contiguous 2-d array as uint8 [rows, row bytes] (no copy; raises ValueError for
     any other array, whose view would be a copy that writes never reach)."""
     if a.ndim != 2 or not a.flags.c_contiguous:
@@ -267,8 +292,9 @@ class RowFile:
             if self._pending is p:
                 self._pending = None
 
-    def _wait_for(self, rows: np.ndarray) -> None:
-        """Wait for the pending write only if it is still running and holds one of ``rows``."""
+    def wait_for(self, rows: np.ndarray) -> None:
+        """Wait for the pending write only if it is still running and holds one of ``rows``
+        (int64 ids): after this, reading ``rows`` from :attr:`records` sees their last write."""
         p = self._pending
         if p is None:
             return
@@ -313,10 +339,10 @@ class RowFile:
         state_dim] float32, both C-contiguous). One pass, no intermediate copies."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         pos = np.ascontiguousarray(pos, dtype=np.int64)
-        self._wait_for(rows)
+        self.wait_for(rows)
         fresh = np.empty(len(rows), dtype=np.int64)
         nf = _gather_into(self.records, rows, pos, self.layout.state_offset,
-                          self.layout.flag_offset, _bytes(weights), _bytes(state), fresh)
+                          self.layout.flag_offset, as_bytes(weights), as_bytes(state), fresh)
         if nf:
             f = fresh[:nf]
             weights[pos[f]] = initial_rows(self.spec.init, self.spec.seed, rows[f],
@@ -342,9 +368,16 @@ class RowFile:
             return
         pos = np.ascontiguousarray(pos, dtype=np.int64)
         rec = np.empty((len(pos), self.layout.record_bytes), dtype=np.uint8)
-        _pack_slots(_bytes(weights), _bytes(state), pos, self.layout.state_offset,
+        _pack_slots(as_bytes(weights), as_bytes(state), pos, self.layout.state_offset,
                     self.layout.flag_offset, rec)
         self._submit(rows, self._commit, rec)
+
+    def write_records(self, rows: np.ndarray, rec: np.ndarray) -> None:
+        """:meth:`write` of rows already packed as records (uint8 [len(rows), record_bytes]:
+        the row's bytes, its state, the written flag set, padding zero), as the DRAM tier's
+        exchange kernel packs them; ``rec`` becomes the job's."""
+        if len(rows):
+            self._submit(rows, self._commit, rec)
 
     def update(self, rows: np.ndarray, w: np.ndarray, s: np.ndarray,
                compute: Callable[[np.ndarray, np.ndarray], None]) -> None:
@@ -361,7 +394,7 @@ class RowFile:
                        compute: Callable[[np.ndarray, np.ndarray], None]) -> None:
         compute(w, s)
         rec = np.empty((len(rows), self.layout.record_bytes), dtype=np.uint8)
-        _pack_slots(_bytes(w), _bytes(s), np.arange(len(rows), dtype=np.int64),
+        _pack_slots(as_bytes(w), as_bytes(s), np.arange(len(rows), dtype=np.int64),
                     self.layout.state_offset, self.layout.flag_offset, rec)
         self._commit(rows, rec)
 
@@ -381,7 +414,7 @@ class RowFile:
         """Count the rows written for the first time, then journal, scatter and disarm one
         write (the background thread; ``written`` is updated here, the file's one pending
         write being the only writer of it meanwhile)."""
-        count = self.written + int((self.records[rows, self.layout.flag_offset] == 0).sum())
+        count = self.written + int(_count_unwritten(self.records, rows, self.layout.flag_offset))
         # payload = ids, records, count: written from the arrays' own buffers (no joined copy)
         parts = (memoryview(rows).cast("B"), memoryview(rec).cast("B"), struct.pack("<Q", count))
         crc = 0
@@ -478,7 +511,7 @@ class RowFile:
         mapping; 8 x 1M x 64 (2.1 GB) the same either way."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if _write_through_mapping():
-            self.records[rows] = rec
+            _scatter_records(self.records, rows, np.ascontiguousarray(rec))
             self.mm[24:32] = struct.pack("<Q", count)  # header field "written"
             WRITTEN_ROWS["mapping"] += len(rows)
             return
