@@ -714,15 +714,14 @@ class DDRCache(SlabWriter):
         admitted = np.asarray(adm.slots, dtype=np.int64) + 1
         if len(admitted) == len(m.rows):  # all admitted (the slots follow m.rows)
             self._admit(m.rows, admitted)
-            got = admitted
-        else:
-            self._admit(m.rows[adm.admit], admitted)
-            got = self.positions(m.rows)
+            pos[m.at] = admitted[m.where]
+            self._remember_positions(ids, pos)
+            return pos, None
+        self._admit(m.rows[adm.admit], admitted)
+        got = self.positions(m.rows)
         pos[m.at] = got[m.where]
         self._remember_positions(ids, pos)
         rest = m.rows[~adm.admit]
-        if len(rest) == 0:
-            return pos, None
         self.counters["bypassed"] += len(rest)
         w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s, *bypass_map(got, m.where, m.at))
