@@ -220,7 +220,7 @@ class AdaptivePolicy(CachePolicy):
         """:meth:`access` in one numba call; returns the slots of the first misses."""
         sk, gh, free, st = self._sketch, self._ghosts, self._free, self._stamps
         ints = np.array([st.now, free._next, sk.additions, gh._occupied[WINDOW_GHOST],
-                         gh._occupied[MAIN_GHOST], self._direction, self._run], dtype=np.int64)
+                         gh._occupied[MAIN_GHOST], self._direction, self._run, 0], dtype=np.int64)
         floats = np.array([self._window], dtype=np.float64)
         sizes = np.array(self._size, dtype=np.int64)
         g_pos, g_fp, g_entries, g_modulus = gh._hashing
