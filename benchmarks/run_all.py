@@ -150,7 +150,7 @@ def render_lookup(res: dict[str, Any]) -> str:
                     "on that thread; 8 x 1M x 64 (2.11 GB) sits at the threshold and takes either "
                     "(earlier runs of 2026-11-27: 79-84.5 ms per step through the mapping, "
                     "110-263 ms with pwrite). With the one-call admission (tiers/exchange.py) it "
-                    "took the mapping in both full runs of this code: 82.9 and 74.1 ms; a script "
+                    "took the mapping in the three full runs since: 82.9, 74.1 and 71.8 ms; a script "
                     "timing only the 10% store after 32 warm-up steps measured 67-69 ms. Run "
                     "alone with pwrite, before that kernel, it measured 140 ms "
                     "(`TIERSTORE_SCM_WRITES=pwrite tierstore bench train --dims "
