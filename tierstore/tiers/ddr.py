@@ -599,7 +599,7 @@ class DDRCache(SlabWriter):
         #: the row file :meth:`_exchange` admits from (dense tables on a row file), else None
         self._exchange_file = (backing if self._dense is not None and self.tracker.flags
                                is not None and hasattr(backing, "write_records") else None)
-        #: admit batches with the one-pass kernel where it applies (:meth:`_exchange`); the
+        #: admit batches with the one-call kernel where it applies (:meth:`_exchange`); the
         #: numpy steps otherwise, which tests compare it with
         self.exchange_kernel = True
         self._track_hits = policy.tracks_hits
@@ -782,8 +782,8 @@ class DDRCache(SlabWriter):
         self._install(rows, pos)
 
     def _exchange(self, rows: np.ndarray, pos: np.ndarray) -> None:
-        """:meth:`_admit_rows` (evict what ``pos`` holds, read ``rows`` in) in one kernel pass
-        over the row file's records (tiers/exchange.py): dense tables on a row file, no
+        """:meth:`_admit_rows` (evict what ``pos`` holds, read ``rows`` in) in one kernel call
+        over the slab and the row file's records (tiers/exchange.py): dense tables on a row file, no
         snapshot open. Same effects, counters and writes."""
         rf = self._exchange_file
         rows = np.ascontiguousarray(rows, dtype=np.int64)

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from tierstore.optim.kernels import PREFETCH_DISTANCE, _prefetch, _prefetch_row
+from tierstore.tiers.rowfile import record_to_slab, slab_to_record, unwritten
 
 EVICTED, WRITTEN, FRESH = range(3)  # counts[] of exchange_rows
 
@@ -43,8 +44,6 @@ def exchange_rows(records, rows, pos, soff, flag, w, s, row_of_pos, dirty, modif
     ``fresh`` and their slab rows left for the caller to initialise. counts[EVICTED],
     counts[WRITTEN] (rows packed into rec) and counts[FRESH] are set.
     """
-    wb, sb = w.shape[1], s.shape[1]
-    rb = rec.shape[1]
     n = rows.shape[0]
     ne = 0
     nw = 0
@@ -59,16 +58,7 @@ def exchange_rows(records, rows, pos, soff, flag, w, s, row_of_pos, dirty, modif
             continue
         ne += 1
         if dirty[p]:
-            out = rec[nw]
-            for b in range(wb):
-                out[b] = w[p, b]
-            for b in range(wb, soff):
-                out[b] = 0
-            for b in range(sb):
-                out[soff + b] = s[p, b]
-            out[flag] = 1
-            for b in range(flag + 1, rb):
-                out[b] = 0
+            slab_to_record(w, s, p, soff, flag, rec[nw])
             out_rows[nw] = old
             nw += 1
         if modified[p]:
@@ -82,14 +72,11 @@ def exchange_rows(records, rows, pos, soff, flag, w, s, row_of_pos, dirty, modif
         p = pos[i]
         r = rows[i]
         src = records[r]
-        if src[flag] == 0 and src[flag + 1] == 0 and src[flag + 2] == 0 and src[flag + 3] == 0:
+        if unwritten(src, flag):
             fresh[nf] = i
             nf += 1
         else:
-            for b in range(wb):
-                w[p, b] = src[b]
-            for b in range(sb):
-                s[p, b] = src[soff + b]
+            record_to_slab(src, w, s, p, soff)
         row_of_pos[p] = r
         dirty[p] = 0
         index[r] = p

@@ -159,27 +159,53 @@ def _write_order(rows: np.ndarray, num_rows: int) -> np.ndarray:
     return sort_payloads(rows, order, bits_for(num_rows - 1))
 
 
+@numba.njit(inline="always", nogil=True, cache=True)
+def unwritten(src, flag):  # pragma: no cover
+    """Whether record ``src`` (uint8 [record_bytes]) was never written (its u32 flag is 0)."""
+    return src[flag] == 0 and src[flag + 1] == 0 and src[flag + 2] == 0 and src[flag + 3] == 0
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def record_to_slab(src, w, s, p, soff):  # pragma: no cover
+    """Slab row ``p`` (w, s: uint8 views of the weights and state slabs) = record ``src``."""
+    for b in range(w.shape[1]):
+        w[p, b] = src[b]
+    for b in range(s.shape[1]):
+        s[p, b] = src[soff + b]
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def slab_to_record(w, s, p, soff, flag, out):  # pragma: no cover
+    """Record ``out`` (uint8 [record_bytes]) = slab row ``p``, written flag set, padding
+    zero."""
+    wb = w.shape[1]
+    for b in range(wb):
+        out[b] = w[p, b]
+    for b in range(wb, soff):
+        out[b] = 0
+    for b in range(s.shape[1]):
+        out[soff + b] = s[p, b]
+    out[flag] = 1
+    for b in range(flag + 1, out.shape[0]):
+        out[b] = 0
+
+
 @numba.njit(nogil=True, cache=True)
 def _gather_into(records, rows, pos, soff, flag, w_out, s_out, fresh):  # pragma: no cover
     """Copy records ``rows`` straight into slab rows ``pos`` (w_out, s_out: uint8 views of the
     weights and state slabs); never-written records are skipped and their indices in ``rows``
     listed in ``fresh``. Returns how many were listed."""
     nf = 0
-    wb, sb = w_out.shape[1], s_out.shape[1]
     n = rows.shape[0]
     for i in range(n):
         if i + PREFETCH_DISTANCE < n:
             _prefetch(records, (rows[i + PREFETCH_DISTANCE], 0))
         src = records[rows[i]]
-        if src[flag] == 0 and src[flag + 1] == 0 and src[flag + 2] == 0 and src[flag + 3] == 0:
+        if unwritten(src, flag):
             fresh[nf] = i
             nf += 1
             continue
-        p = pos[i]
-        for b in range(wb):
-            w_out[p, b] = src[b]
-        for b in range(sb):
-            s_out[p, b] = src[soff + b]
+        record_to_slab(src, w_out, s_out, pos[i], soff)
     return nf
 
 
@@ -187,24 +213,13 @@ def _gather_into(records, rows, pos, soff, flag, w_out, s_out, fresh):  # pragma
 def _pack_slots(w_in, s_in, pos, soff, flag, rec):  # pragma: no cover
     """Records (written flag set, padding zero) of slab rows ``pos`` into ``rec`` (uint8
     [len(pos), record_bytes]); w_in, s_in: uint8 views of the weights and state slabs."""
-    wb, sb = w_in.shape[1], s_in.shape[1]
     n = pos.shape[0]
     for i in range(n):
         if i + PREFETCH_DISTANCE < n:
             q = pos[i + PREFETCH_DISTANCE]
             _prefetch_row(w_in, q)
             _prefetch(s_in, (q, 0))
-        p = pos[i]
-        out = rec[i]
-        for b in range(wb):
-            out[b] = w_in[p, b]
-        for b in range(wb, soff):
-            out[b] = 0
-        for b in range(sb):
-            out[soff + b] = s_in[p, b]
-        out[flag] = 1
-        for b in range(flag + 1, out.shape[0]):
-            out[b] = 0
+        slab_to_record(w_in, s_in, pos[i], soff, flag, rec[i])
 
 
 @numba.njit(nogil=True, cache=True)
