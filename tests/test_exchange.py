@@ -1,4 +1,4 @@
-"""The DRAM tier's one-pass admission (tiers/exchange.py) against its numpy steps: two stores
+"""The DRAM tier's one-call admission (tiers/exchange.py) against its numpy steps: two stores
 fed the same batches, one with the kernel and one without, must hold the same bits after
 every batch (slab, metadata, index, modified rows, counters) and the same row files."""
 

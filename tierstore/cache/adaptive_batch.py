@@ -180,8 +180,8 @@ def access_batch(hit_slots, miss_rows, rows, seg, stamps, pinned, sizes, release
     State: ``seg``, ``stamps`` (int32), ``pinned``, ``sizes`` (int64[4], rows per segment),
     ``rows`` (row of each slot), ``ints`` (NOW, FREE_NEXT, ADDITIONS, OCCUPIED_W, OCCUPIED_M,
     DIRECTION, RUN; SINK is scratch), ``floats`` ([window target]), the sketch's counters and
-    the two ghost lists, all updated in place. Returns (slots for the first misses in order, the free
-    list's released slots afterwards).
+    the two ghost lists, all updated in place. Returns (slots for the first misses in order,
+    the free list's released slots afterwards).
     """
     n_hit = hit_slots.shape[0]
     m = miss_rows.shape[0]

@@ -712,16 +712,16 @@ class DDRCache(SlabWriter):
             return pos, None
         adm = self.policy.access(m.hit_slots, m.rows)
         admitted = np.asarray(adm.slots, dtype=np.int64) + 1
-        if len(admitted) == len(m.rows):  # all admitted (the slots follow m.rows)
+        if len(admitted) == len(m.rows):  # all admitted: their positions are the slots
             self._admit(m.rows, admitted)
-            pos[m.at] = admitted[m.where]
-            self._remember_positions(ids, pos)
-            return pos, None
-        self._admit(m.rows[adm.admit], admitted)
-        got = self.positions(m.rows)
+            got, rest = admitted, _EMPTY
+        else:
+            self._admit(m.rows[adm.admit], admitted)
+            got, rest = self.positions(m.rows), m.rows[~adm.admit]
         pos[m.at] = got[m.where]
         self._remember_positions(ids, pos)
-        rest = m.rows[~adm.admit]
+        if len(rest) == 0:
+            return pos, None
         self.counters["bypassed"] += len(rest)
         w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s, *bypass_map(got, m.where, m.at))

@@ -11,7 +11,7 @@ rows in DRAM: admission 6.8 -> 4.3 ms per step with this kernel).
 :func:`exchange_rows` makes two passes, evictions then admissions, each one stream of random
 reads prefetched a few rows ahead (as the row file's own gather and pack kernels). One
 interleaved pass was slower where the reads miss the cache most (8 x 1M rows, pooling 20:
-20.4 against 15.6 ms per step): each row then has two far reads and three index or flag
+20.4 against 15.6 ms of kernel time per step): each row then has two far reads and three index or flag
 writes in flight at once.
 """
 

@@ -224,10 +224,10 @@ def _pack_slots(w_in, s_in, pos, soff, flag, rec):  # pragma: no cover
 
 @numba.njit(nogil=True, cache=True)
 def _count_unwritten(records, rows, flag):  # pragma: no cover
-    """How many of records ``rows`` have their written flag clear."""
+    """How many of records ``rows`` were never written (:func:`unwritten`)."""
     n = 0
     for i in range(rows.shape[0]):
-        n += records[rows[i], flag] == 0
+        n += unwritten(records[rows[i]], flag)
     return n
 
 
