@@ -97,7 +97,7 @@ def test_scm_update_runs_behind_and_keeps_its_own_gradient(tmp_path):
     """The update of bypassed rows runs on the row file's write thread after the backward
     returns (RowFile.update); the caller may overwrite its gradient at once without changing
     that update, and the next read of those rows sees it."""
-    from tierstore.tiers import rowfile
+    from tierstore.tiers import write_behind
     batch = torch.cat([HOT, COLD])
     off = torch.arange(0, len(batch), 4)
     grad = torch.randn(len(off), 4)
@@ -108,7 +108,7 @@ def test_scm_update_runs_behind_and_keeps_its_own_gradient(tmp_path):
         _warm(s)
         s.pooled("t", batch, off)
         hold = threading.Event()
-        blocker = rowfile._background().submit(hold.wait, 10)  # the write thread is busy
+        blocker = write_behind._current().submit(hold.wait, 10)  # the write thread is busy
         s.apply_pooled_gradients("t", batch, off, grad)
         grad.fill_(1e3)  # the caller reuses its buffer before the update has run
         hold.set()

@@ -1,5 +1,6 @@
 """Crash behaviour with a real child process killed by SIGKILL, and the one-owner lock."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def test_second_process_gets_a_clear_error(tmp_path):
         assert store.lookup("t", torch.tensor([1])).shape == (1, 4)  # the owner is unaffected
 
 
-def test_torn_journal_is_ignored_and_complete_journal_replayed(tmp_path):
+def test_torn_journal_is_ignored_and_complete_journal_replayed(tmp_path, monkeypatch):
     from tierstore.tiers.rowfile import RowFile
     spec = ts.TableSpec("r", 100, 4, init="zeros")
     path = str(tmp_path / "r.rows")
@@ -126,14 +127,71 @@ def test_torn_journal_is_ignored_and_complete_journal_replayed(tmp_path):
     assert (rf.read(rows)[0] == 2.0).all()  # replayed at open
     assert rf.rows_written() == 2
 
-    # a torn journal append (killed mid-write): the row file is untouched
+    # killed while writing the journal: its payload goes first and the header that arms it
+    # after, so a payload without its header is ignored and the row file is untouched
     rf.write(rows, np.full((2, 4), 3.0, np.float32), np.zeros((2, 0), np.float32))
     rf.close()
+    from tierstore.tiers.rowfile import _JHDR, JMAGIC, JMAGIC_V1
+    rec = RowFile(path, spec).layout.record_bytes
+    plen = 2 * 8 + 2 * rec + 8
+    payload = rows.tobytes() + np.full((2, rec), 0x41, np.uint8).tobytes() + (2).to_bytes(8, "little")
     with open(path + ".journal", "r+b") as j:
-        from tierstore.tiers.rowfile import _JHDR, JMAGIC
-        body = np.full((2, 4), 9.0, np.float32)
-        head = _JHDR.pack(JMAGIC, 2, 2 * 8 + 2 * 24 + 8, 12345)  # wrong CRC = torn payload
-        j.write(head + rows.tobytes() + body.tobytes()[:10])
+        j.write(b"\0" * 8 + _JHDR.pack(JMAGIC, 2, plen, 0)[8:] + payload)  # disarmed header
     rf = RowFile(path, spec)
     assert (rf.read(rows)[0] == 3.0).all()
     rf.close()
+    # killed in the middle of the journal's payload, or after it but before the header that
+    # arms it: nothing is replayed
+    from tierstore.tiers import rowfile
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+    for where in ("payload", "header"):
+        rf = RowFile(path, spec)
+
+        def pwritev(fd, parts, offset):
+            if fd == rf.jfd and where == "payload":  # half the bytes land, then the kill
+                data = b"".join(bytes(p) for p in parts)
+                real_pwrite(fd, data[: len(data) // 2], offset)
+                raise RuntimeError("killed")
+            return real_pwritev(fd, parts, offset)
+
+        def pwrite(fd, data, offset):
+            if fd == rf.jfd and offset == 0 and bytes(data[:8]) == JMAGIC and where == "header":
+                raise RuntimeError("killed")
+            return real_pwrite(fd, data, offset)
+        monkeypatch.setattr(rowfile.os, "pwritev", pwritev)
+        monkeypatch.setattr(rowfile.os, "pwrite", pwrite)
+        rf.write(rows, np.full((2, 4), 5.0, np.float32), np.zeros((2, 0), np.float32))
+        with pytest.raises(RuntimeError, match="killed"):
+            rf.wait()
+        monkeypatch.setattr(rowfile.os, "pwritev", real_pwritev)
+        monkeypatch.setattr(rowfile.os, "pwrite", real_pwrite)
+        rf.close()
+        rf = RowFile(path, spec)
+        assert (rf.read(rows)[0] == 3.0).all(), where
+        rf.close()
+    # an armed header over a short payload (never written that way; still ignored)
+    with open(path + ".journal", "r+b") as j:
+        j.truncate(0)
+        j.write(_JHDR.pack(JMAGIC, 2, plen, 0) + payload[:plen - 10])
+    rf = RowFile(path, spec)
+    assert (rf.read(rows)[0] == 3.0).all()
+    rf.close()
+    # a journal of the earlier format (one write, CRC32 over the payload): replayed when the
+    # CRC checks out, ignored when it does not
+    good = RowFile(path, spec)
+    w4 = np.full((2, 4), 4.0, np.float32)
+    good._apply = lambda *a: (_ for _ in ()).throw(RuntimeError("killed"))
+    good.write(rows, w4, np.zeros((2, 0), np.float32))
+    with pytest.raises(RuntimeError, match="killed"):
+        good.wait()
+    good.close()
+    with open(path + ".journal", "rb") as j:
+        body = j.read()[_JHDR.size:_JHDR.size + plen]
+    import zlib
+    for crc, expect in ((zlib.crc32(body) ^ 1, 3.0), (zlib.crc32(body), 4.0)):
+        with open(path + ".journal", "r+b") as j:
+            j.truncate(0)
+            j.write(_JHDR.pack(JMAGIC_V1, 2, plen, crc) + body)
+        rf = RowFile(path, spec)
+        assert (rf.read(rows)[0] == expect).all()
+        rf.close()

@@ -7,7 +7,7 @@ import pytest
 
 import tierstore as ts
 from tierstore.rowinit import initial_rows
-from tierstore.tiers import rowfile
+from tierstore.tiers import rowfile, write_behind
 from tierstore.tiers.rowfile import RowFile
 
 SPECS = [
@@ -71,7 +71,7 @@ def _hold_writer():
     def hold():
         started.set()
         go.wait(10)
-    rowfile._background().submit(hold)
+    write_behind._current().submit(hold)
     assert started.wait(5)
     return go
 
@@ -120,6 +120,83 @@ def test_background_write_error_comes_out_of_the_next_call(tmp_path):
     assert np.array_equal(rf.read(np.array([3, 4]))[0], fresh)
     assert rf.rows_written() == 2
     assert np.array_equal(rf.read(np.array([1, 2]))[0], w)
+    rf.close()
+
+
+@pytest.fixture
+def deferred_writes():
+    """This process's row-file writes deferred (as in tierstored) for one test."""
+    write_behind.defer()
+    try:
+        yield
+    finally:
+        write_behind.defer(False)
+
+
+def _in_file(rf, rows):
+    """Rows as the file's mapping holds them now (no wait for a pending write)."""
+    lay = rf.layout
+    rec = rf.records[rows]
+    return (rec[:, :lay.state_offset].copy().view(lay.np_dtype).reshape(len(rows), -1),
+            rec[:, lay.flag_offset].copy())
+
+
+def test_deferred_writes_run_when_asked_or_when_waited_for(tmp_path, deferred_writes):
+    """Deferred (tierstored's mode): a write is not in the file until run_deferred() runs it,
+    oldest first, or something waits for it (a read of its rows, the next write of the file,
+    flush); it runs once; its error comes out of the next call on the file, not run_deferred."""
+    spec = SPECS[0]
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    other = RowFile(str(tmp_path / "u.rows"), spec)
+    rng = np.random.default_rng(7)
+    rows = np.array([5, 9])
+    w1, s1 = _values(spec, 2, rng)
+    w2, s2 = _values(spec, 2, rng)
+    rf.write(rows, w1, s1)
+    other.write(rows, w2, s2)
+    assert write_behind.busy()
+    assert (_in_file(rf, rows)[1] == 0).all() and (_in_file(other, rows)[1] == 0).all()
+    assert write_behind.run_deferred() == 2  # both files, in submission order
+    assert np.array_equal(_in_file(rf, rows)[0], w1) and (_in_file(rf, rows)[1] == 1).all()
+    assert np.array_equal(_in_file(other, rows)[0], w2)
+    assert not write_behind.busy() and write_behind.run_deferred() == 0
+
+    rf.write(rows, w2, s2)  # a read of its rows runs it first
+    assert np.array_equal(_in_file(rf, rows)[0], w1)
+    assert np.array_equal(rf.read(rows)[0], w2)
+    assert write_behind.run_deferred() == 1 and np.array_equal(rf.read(rows)[1], s2)  # once
+
+    rf.write(rows, w1, s1)  # flush runs it too
+    rf.flush()
+    assert np.array_equal(_in_file(rf, rows)[0], w1)
+    write_behind.run_deferred()
+
+    rf.jfd, good = -1, rf.jfd  # a failing write: run_deferred does not raise, the file does
+    rf.write(rows, w2, s2)
+    assert write_behind.run_deferred() == 1
+    with pytest.raises(OSError):
+        rf.read(rows)
+    rf.jfd = good
+    assert np.array_equal(rf.read(rows)[0], w1)
+    rf.close()
+    other.close()
+
+
+def test_switching_back_to_the_thread_runs_deferred_writes(tmp_path):
+    spec = SPECS[0]
+    rf = RowFile(str(tmp_path / "t.rows"), spec)
+    w, s = _values(spec, 1, np.random.default_rng(8))
+    write_behind.defer()
+    try:
+        rf.write(np.array([3]), w, s)
+        assert _in_file(rf, np.array([3]))[1][0] == 0
+    finally:
+        write_behind.defer(False)
+    assert not write_behind.deferred()
+    assert _in_file(rf, np.array([3]))[1][0] == 1 and not write_behind.busy()
+    rf.write(np.array([4]), w, s)  # on the thread again
+    rf.wait()
+    assert np.array_equal(_in_file(rf, np.array([4]))[0], w)
     rf.close()
 
 

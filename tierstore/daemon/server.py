@@ -7,7 +7,9 @@ for misses (admission, eviction, write-back), for updates of rows not in DRAM, a
 control operations (create/drop/attach tables, stats, flush, shutdown).
 
 One asyncio event loop (uvloop) serves every client on a unix socket; requests are handled one
-at a time, which serializes every change of residency. Safety: the run directory is 0700, the
+at a time, which serializes every change of residency. The SCM writes a request causes run on
+the same thread right after its reply is sent, while the client works on that reply
+(:mod:`tierstore.tiers.write_behind`). Safety: the run directory is 0700, the
 socket and every segment 0600, and a peer of another uid is refused (SO_PEERCRED).
 """
 
@@ -34,7 +36,7 @@ from tierstore.daemon import protocol
 from tierstore.daemon.config import ServiceConfig
 from tierstore.errors import InvalidInput, InvalidSpec, TierstoreError, UnknownTable
 from tierstore.store import Store
-from tierstore.tiers import pins, shm
+from tierstore.tiers import pins, shm, write_behind
 from tierstore.tiers.ddr import DDRCache
 
 log = logging.getLogger("tierstored")
@@ -105,6 +107,7 @@ class Service:
         self._stop = asyncio.Event()
         self._prepare_run_dir()
         os.makedirs(self.cfg.data_dir, mode=0o700, exist_ok=True)
+        write_behind.defer()  # SCM writes after each reply (run_deferred in _serve)
         self.store = Store(self.cfg.data_dir, self.cfg.ddr_bytes, self.cfg.policy,
                            shm_unlink=False)
         self._prefix = f"tierstore.{self.store.catalog.store_id[:12]}."
@@ -210,11 +213,13 @@ class Service:
                     continue
                 reply = await self._dispatch(client, msg)
                 await self._send(writer, reply)
+                write_behind.run_deferred()  # while the client works on the reply
         except (ConnectionError, BrokenPipeError):
             pass
         except asyncio.CancelledError:
             pass  # the service is stopping
         finally:
+            write_behind.run_deferred()
             self._tasks.discard(asyncio.current_task())
             if client is not None:
                 self._drop_client(client)

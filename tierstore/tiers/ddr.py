@@ -37,7 +37,8 @@ from tierstore.rowinit import initial_rows
 from tierstore.tiers.index import IN_RANGE, DenseIndex, HashIndex, identity_positions
 from tierstore.tiers.marks import RowMarks
 from tierstore.tiers.exchange import EVICTED, FRESH, WRITTEN, exchange_rows
-from tierstore.tiers.rowfile import as_bytes, writer_busy
+from tierstore.tiers import write_behind
+from tierstore.tiers.rowfile import as_bytes
 
 _EMPTY = np.empty(0, dtype=np.int64)
 #: a table that fits in DRAM is loaded whole (row r in slot r) at open if its rows take at most
@@ -886,7 +887,7 @@ class DDRCache(SlabWriter):
         w, s = np.ascontiguousarray(w), np.ascontiguousarray(s)
         flags = np.zeros(len(rows), dtype=np.uint8)
         update = getattr(self.backing, "update", None)
-        if update is not None and self._fusable(w, len(at), len(g)) and not writer_busy():
+        if update is not None and self._fusable(w, len(at), len(g)) and not write_behind.busy():
             # on the row file's background thread (idle now): the caller's gradient may
             # change once we return, so the job gets a copy (the other arrays are our own)
             g = g.copy()
