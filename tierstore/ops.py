@@ -44,26 +44,89 @@ def lookup(cache, spec: TableSpec, ids: Any) -> torch.Tensor:
 def pooled(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str = "sum",
            per_sample_weights: Any = None, include_last_offset: bool = False) -> torch.Tensor:
     """Pooled rows per bag as Tensor [B, dim] (see Store.pooled)."""
+    rows, off, psw = _pooled_inputs(spec, indices, offsets, mode, per_sample_weights,
+                                    include_last_offset)
+    try:
+        pos = cache.resident_positions(rows)
+        if pos is not None:  # every row in DRAM: one fused gather-and-pool
+            return _pool_resident(cache.weights_t, pos, off, mode, psw)
+        checks.id_range(rows, spec, "indices")
+        pos_np, bypass = cache.resolve(rows.numpy())
+        return _pool(cache.weights_t, torch.from_numpy(pos_np), off, mode, psw, rows, bypass)
+    finally:
+        cache.end_op()
+
+
+class PendingPool:
+    """A client's :func:`pooled` waiting for the service to resolve its misses: the checked
+    inputs, the pinned positions and the misses (``AttachedTable.pin_batch``)."""
+
+    def __init__(self, rows, off, mode, psw, pos, misses) -> None:
+        self.rows, self.off, self.mode, self.psw = rows, off, mode, psw
+        self.pos, self.misses = pos, misses
+
+
+def pooled_begin(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str = "sum",
+                 per_sample_weights: Any = None,
+                 include_last_offset: bool = False) -> "torch.Tensor | PendingPool":
+    """The first half of :func:`pooled` on a client's table (``AttachedTable``): the output
+    when every row is in DRAM (the operation is then over), else a :class:`PendingPool` whose
+    misses the caller gets resolved (``misses.rows``, ``misses.hit_slots``) before
+    :func:`pooled_end`. Raises what pooled raises (InvalidInput, Retry, Stale); a PendingPool
+    holds pins until pooled_end or ``cache.end_op()``."""
+    rows, off, psw = _pooled_inputs(spec, indices, offsets, mode, per_sample_weights,
+                                    include_last_offset)
+    pos = cache.resident_positions(rows)
+    if pos is not None:
+        try:
+            return _pool_resident(cache.weights_t, pos, off, mode, psw)
+        finally:
+            cache.end_op()
+    try:
+        checks.id_range(rows, spec, "indices")
+        pos_np, m = cache.pin_batch(rows.numpy())
+    except BaseException:
+        cache.end_op()
+        raise
+    if m is None:
+        try:
+            return _pool(cache.weights_t, torch.from_numpy(pos_np), off, mode, psw, rows, None)
+        finally:
+            cache.end_op()
+    return PendingPool(rows, off, mode, psw, pos_np, m)
+
+
+def pooled_end(cache, p: PendingPool, got: np.ndarray, bypass: Any) -> torch.Tensor:
+    """The output of ``p`` given the service's answer for its misses (positions ``got`` of
+    ``p.misses.rows``, 0 = read from ``bypass``); ends the operation."""
+    try:
+        pos_np, bypass = cache.fill(p.pos, p.misses, got, bypass)
+        return _pool(cache.weights_t, torch.from_numpy(pos_np), p.off, p.mode, p.psw, p.rows,
+                     bypass)
+    finally:
+        cache.end_op()
+
+
+def _pooled_inputs(spec, indices, offsets, mode, per_sample_weights, include_last_offset):
+    """pooled's checked inputs: ids (range not checked yet), B + 1 offsets, weights or None."""
     rows = checks.ids(indices, spec, "indices", check_range=False)
     n = rows.shape[0]
     checks.mode(mode, spec)
     off = checks.offsets(offsets, n, include_last_offset, spec)
-    psw = checks.per_sample_weights(per_sample_weights, n, mode, spec)
-    try:
-        weights = cache.weights_t
-        pos = cache.resident_positions(rows)
-        if pos is not None:  # every row in DRAM: one fused gather-and-pool
-            return torch.embedding_bag(weights, pos, off, False, _MODES[mode], False, psw,
-                                       True)[0]
-        checks.id_range(rows, spec, "indices")
-        pos_np, bypass = cache.resolve(rows.numpy())
-        pos = torch.from_numpy(pos_np)
-        if bypass is None:
-            return F.embedding_bag(pos, weights, off, mode=mode, per_sample_weights=psw,
-                                   include_last_offset=True)
-        return _pooled_with_bypass(weights, pos, off, mode, psw, rows, bypass)
-    finally:
-        cache.end_op()
+    return rows, off, checks.per_sample_weights(per_sample_weights, n, mode, spec)
+
+
+def _pool_resident(weights, pos, off, mode, psw) -> torch.Tensor:
+    """Every row in DRAM: one fused gather-and-pool."""
+    return torch.embedding_bag(weights, pos, off, False, _MODES[mode], False, psw, True)[0]
+
+
+def _pool(weights, pos, off, mode, psw, rows, bypass) -> torch.Tensor:
+    """Pool slab positions ``pos`` (0: the zero row, or a row of ``bypass``)."""
+    if bypass is None:
+        return F.embedding_bag(pos, weights, off, mode=mode, per_sample_weights=psw,
+                               include_last_offset=True)
+    return _pooled_with_bypass(weights, pos, off, mode, psw, rows, bypass)
 
 
 def _pooled_with_bypass(weights, pos, off, mode, psw, rows, bypass) -> torch.Tensor:

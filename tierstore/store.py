@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -238,6 +238,21 @@ class Store:
         e = self._entry(table)
         return ops.pooled(e.cache, e.spec, indices, offsets, mode, per_sample_weights,
                           include_last_offset)
+
+    def pooled_many(self, tables: Sequence[str | Table], indices: Sequence[Any],
+                    offsets: Sequence[Any], mode: str = "sum",
+                    per_sample_weights: Sequence[Any] | None = None,
+                    include_last_offset: bool = False) -> list[torch.Tensor]:
+        """:meth:`pooled` of several tables, one batch each (``indices[i]``, ``offsets[i]``,
+        ``per_sample_weights[i]`` for ``tables[i]``): the service client's pipelined call,
+        here one pooled() per table in order."""
+        n = len(tables)
+        psws = [None] * n if per_sample_weights is None else list(per_sample_weights)
+        if len(indices) != n or len(offsets) != n or len(psws) != n:
+            raise InvalidInput(f"pooled_many: {n} tables, {len(indices)} indices, "
+                               f"{len(offsets)} offsets, {len(psws)} per_sample_weights")
+        return [self.pooled(tables[i], indices[i], offsets[i], mode, psws[i],
+                            include_last_offset) for i in range(n)]
 
     def apply_gradients(self, table: str | Table, ids: Any, grads: Any) -> None:
         """Apply the table's optimizer with per-id gradients [n, dim] (summed over duplicate

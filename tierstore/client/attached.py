@@ -23,7 +23,7 @@ from tierstore.errors import InvalidInput
 from tierstore.optim import kernels
 from tierstore.tiers import pins, shm
 from tierstore.tiers.index import IN_RANGE, identity_positions
-from tierstore.tiers.marks import RowMarks
+from tierstore.tiers.marks import Misses, RowMarks
 from tierstore.tiers.ddr import Bypass, SlabWriter, bypass_map, sum_at
 
 if TYPE_CHECKING:
@@ -167,14 +167,28 @@ class AttachedTable(SlabWriter):
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
         """Positions of ``ids`` (0: served from the returned Bypass); misses go to the service,
         which admits them and pins them for this operation."""
+        pos, m = self.pin_batch(ids)
+        if m is None:
+            return pos, None
+        got, bypass = self.conn._resolve(self, m.rows, m.hit_slots, len(ids))
+        return self.fill(pos, m, got, bypass)
+
+    def pin_batch(self, ids: np.ndarray) -> tuple[np.ndarray, Misses | None]:
+        """Pin the resident rows of ``ids``: their positions (int64, 0 where not resident) and
+        the misses to ask the service for (None: every row was resident, counted as hits)."""
         st, out = self._pin(ids)
         pos = out.astype(np.int64)
         self._missed = st != pins.ALL_RESIDENT
         if st == pins.ALL_RESIDENT:  # resident and pinned after all: no request needed
             self._count_all_hits(pos)
             return pos, None
-        m = self._rows.split_misses(ids, pos, self._mark, self.tracks_hits)
-        got, bypass = self.conn._resolve(self, m.rows, m.hit_slots, len(ids))
+        return pos, self._rows.split_misses(ids, pos, self._mark, self.tracks_hits)
+
+    @staticmethod
+    def fill(pos: np.ndarray, m: Misses, got: np.ndarray,
+             bypass: Bypass | None) -> tuple[np.ndarray, Bypass | None]:
+        """:meth:`pin_batch`'s positions completed with the service's answer for its misses
+        (``got``: positions of ``m.rows``, 0 = in ``bypass``)."""
         pos[m.at] = got[m.where]
         if bypass is not None:  # which ids read which bypass row, known without a search
             bypass.where, bypass.k = bypass_map(got, m.where, m.at)

@@ -25,7 +25,7 @@ import select
 import socket
 import tempfile
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,15 @@ from tierstore.tiers.ddr import Bypass
 SOCKET_NAME = "tierstored.sock"
 REPLY_TIMEOUT_S = 120.0  # a reply slower than this means a wedged service
 _RETRIES = 8  # re-attachments in a row before giving up on a table that keeps moving
+
+
+@dataclass
+class _InFlight:
+    """A resolve sent by :meth:`Connection.pooled_many` and not answered yet."""
+
+    i: int
+    table: AttachedTable
+    pending: ops.PendingPool
 
 
 @dataclass
@@ -236,12 +245,13 @@ class Connection:
         if t is not None:
             t.close()
 
-    def _table(self, table: str) -> AttachedTable:
+    def _table(self, table: str, check_alive: bool = True) -> AttachedTable:
         if not isinstance(table, str):
             table = getattr(table, "name", table)
             if not isinstance(table, str):
                 raise errors.UnknownTable(f"table must be a name, got {type(table).__name__}")
-        self._check_alive()
+        if check_alive:  # (not while a request is in flight: its reply makes the socket readable)
+            self._check_alive()
         self._drain(table)  # this table's pipelined update lands before anything reads it
         t = self._tables.get(table)
         return t if t is not None else self.attach(table)
@@ -271,6 +281,121 @@ class Connection:
         """Pooled rows per bag (see :meth:`tierstore.Store.pooled`)."""
         return self._with_table(table, lambda t: ops.pooled(
             t, t.spec, indices, offsets, mode, per_sample_weights, include_last_offset))
+
+    def pooled_many(self, tables: Sequence[str], indices: Sequence[Any],
+                    offsets: Sequence[Any], mode: str = "sum",
+                    per_sample_weights: Sequence[Any] | None = None,
+                    include_last_offset: bool = False) -> list[torch.Tensor]:
+        """:meth:`pooled` of several tables (one batch each: ``indices[i]``, ``offsets[i]``,
+        ``per_sample_weights[i]`` for ``tables[i]``), pipelined: while the service resolves
+        one table's misses, this process pins and splits the next table's batch and pools the
+        one before. The same outputs as one pooled() per table, in order, and the same errors
+        (raised once the request in flight, if any, is answered)."""
+        n = len(tables)
+        psws = [None] * n if per_sample_weights is None else list(per_sample_weights)
+        if len(indices) != n or len(offsets) != n or len(psws) != n:
+            raise InvalidInput(f"pooled_many: {n} tables, {len(indices)} indices, "
+                               f"{len(offsets)} offsets, {len(psws)} per_sample_weights")
+        out: list[Any] = [None] * n
+        self._drain()  # no pipelined update in flight meanwhile: replies come in request order
+        for table in tables:  # attach first: an attach is a request of its own
+            self._table(table)
+        flight: _InFlight | None = None
+
+        def land() -> None:  # finish the request in flight, if any
+            nonlocal flight
+            f, flight = flight, None
+            if f is not None:
+                self._finish(f, self._answer(f), out)
+        try:
+            for i in range(n):
+                args = (tables[i], indices[i], offsets[i], mode, psws[i], include_last_offset)
+                name = getattr(tables[i], "name", tables[i])
+                if flight is not None and (name not in self._tables  # re-attached meanwhile
+                                           or self._tables[name] is flight.table):  # one op
+                    land()                                        # per table holds pins
+                t = self._table(tables[i], check_alive=flight is None)
+                try:
+                    begun = ops.pooled_begin(t, t.spec, *args[1:])
+                except (Retry, Stale):
+                    begun = None
+                if isinstance(begun, torch.Tensor):
+                    out[i] = begun
+                    continue
+                if begun is None or not self._one_request(t, begun):
+                    if begun is not None:
+                        self._end(t)
+                    land()
+                    out[i] = self.pooled(*args)  # retries, re-attaches, chunks, refuses
+                    continue
+                prev, flight = flight, None
+                answer = self._answer(prev) if prev is not None else None
+                try:
+                    m = begun.misses
+                    self._resolve_send(t, m.rows, m.hit_slots[: self._max_hits()],
+                                       len(begun.rows), t.take_recent())
+                    flight = _InFlight(i, t, begun)
+                except BaseException:
+                    self._end(t)
+                    raise
+                finally:
+                    if prev is not None:  # pooled while the service resolves table i
+                        self._finish(prev, answer, out)
+            land()
+        finally:
+            if flight is not None:  # an error on the way: read the answer in flight first
+                if self._lost is None:
+                    self._answer(flight)
+                self._end(flight.table)
+        for i in range(n):  # refused as re-planned: again, attached to the new slab
+            if out[i] is None:
+                out[i] = self.pooled(tables[i], indices[i], offsets[i], mode, psws[i],
+                                     include_last_offset)
+        return out
+
+    def _one_request(self, t: AttachedTable, p: ops.PendingPool) -> bool:
+        """Whether ``p``'s misses go in one resolve (else, or over max_batch, the plain path
+        takes the batch: in chunks, or refused)."""
+        hits = min(len(p.misses.hit_slots), self._max_hits())
+        return (len(p.rows) <= self.max_batch
+                and len(p.misses.rows) <= self._rows_per_resolve(t, hits))
+
+    def _max_hits(self) -> int:
+        """Hit slots sent with a resolve, at most (they may fill half the mailbox)."""
+        return len(self._mailbox) // 16
+
+    def _rows_per_resolve(self, t: AttachedTable, hits: int) -> int:
+        """Missing rows one resolve may carry beside ``hits`` hit slots: the mailbox holds
+        the request and the reply (positions, and the rows not admitted with their state)."""
+        lay = t.spec.layout
+        per_row = 16 + lay.np_dtype.itemsize * t.spec.dim + 4 * lay.state_dim + 16
+        return max(1, (len(self._mailbox) - 8 * hits - 64) // per_row)
+
+    def _answer(self, f: "_InFlight") -> Any:
+        """The reply to ``f``'s resolve: (positions, bypass), or the service's refusal as an
+        exception object. Raises only ConnectionLost."""
+        try:
+            return self._resolve_recv(f.table, len(f.pending.misses.rows))
+        except ConnectionLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to _finish, which raises it
+            return e
+
+    def _finish(self, f: "_InFlight", answer: Any, out: list) -> None:
+        """Pool ``f``'s batch with the service's answer. A table re-planned meanwhile is left
+        None in ``out`` (pooled_many takes it again at the end); any other refusal is raised."""
+        if isinstance(answer, BaseException):
+            self._end(f.table)
+            if not isinstance(answer, Stale):
+                raise answer
+            return
+        out[f.i] = ops.pooled_end(f.table, f.pending, *answer)
+
+    def _end(self, t: AttachedTable) -> None:
+        """End ``t``'s operation (release its pins) unless the connection is gone."""
+        if self._lost is None:
+            with contextlib.suppress(Retry, Stale):
+                t.end_op()
 
     def apply_gradients(self, table: str, ids: Any, grads: Any) -> None:
         """Per-id gradients through the table's optimizer (see Store.apply_gradients)."""
@@ -314,10 +439,8 @@ class Connection:
         if lookups > self.max_batch:
             raise InvalidInput(f"table {t.name!r}: batch of {lookups} ids is over the "
                                f"service's max_batch ({self.max_batch})")
-        room = len(self._mailbox) // 2
-        hits = hits[: room // 8]  # a policy hint only: never crowd out the rows
-        per_row = 16 + t.spec.layout.np_dtype.itemsize * t.spec.dim + 4 * t.spec.layout.state_dim + 16
-        step = max(1, (len(self._mailbox) - 8 * len(hits) - 64) // per_row)
+        hits = hits[: self._max_hits()]  # a policy hint only: never crowd out the rows
+        step = self._rows_per_resolve(t, len(hits))
         parts, bypasses = [], []
         for start in range(0, max(len(rows), 1), step):
             chunk = rows[start: start + step]
@@ -337,15 +460,28 @@ class Connection:
 
     def _resolve_chunk(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
                        lookups: int, recent: np.ndarray) -> tuple[np.ndarray, Bypass | None]:
+        self._resolve_send(t, rows, hits, lookups, recent)
+        return self._resolve_recv(t, len(rows))
+
+    def _resolve_send(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
+                      lookups: int, recent: np.ndarray) -> None:
+        """Send one ``resolve`` (its reply is read by :meth:`_resolve_recv`)."""
         self._reserve(8 * (len(rows) + len(hits) + len(recent)) + 16)
         off = self._put(0, rows.astype(np.int64, copy=False))
         off = self._put(off, hits.astype(np.int64, copy=False))
         recent = recent[: max(0, (len(self._mailbox) - off) // 16)]  # leave room for replies
         self._put(off, recent)
-        reply = self._call({"op": "resolve", "table": t.name, "rows": len(rows),
-                            "hits": len(hits), "recent": len(recent), "lookups": lookups,
-                            "seq": t.seq})
-        pos, off = self._get(0, np.int64, (len(rows),))
+        self._drain()
+        self._send({"op": "resolve", "table": t.name, "rows": len(rows), "hits": len(hits),
+                    "recent": len(recent), "lookups": lookups, "seq": t.seq})
+
+    def _resolve_recv(self, t: AttachedTable, k: int) -> tuple[np.ndarray, Bypass | None]:
+        """The reply of the ``resolve`` of ``k`` rows in flight: their positions and the rows
+        not admitted, copied out of the mailbox; raises the service's refusal."""
+        reply = self._reply()
+        if not reply.get("ok"):
+            _raise_reply(reply)
+        pos, off = self._get(0, np.int64, (k,))
         b = reply["bypass"]
         if not b:
             return pos, None

@@ -70,15 +70,17 @@ def _bag_of_each_index(offsets: torch.Tensor, n: int, include_last_offset: bool)
 
 
 class _PooledLookup(torch.autograd.Function):
-    """out = conn.pooled(...); backward = conn.apply_pooled_gradients(...) (+ psw gradient)."""
+    """out = conn.pooled(...) (or ``pooled``, already computed by the caller); backward =
+    conn.apply_pooled_gradients(...) (+ psw gradient)."""
 
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, per_sample_weights: torch.Tensor | None,
                 conn: Any, table: str, indices: torch.Tensor, offsets: torch.Tensor, mode: str,
-                include_last_offset: bool) -> torch.Tensor:
+                include_last_offset: bool, pooled: torch.Tensor | None = None) -> torch.Tensor:
         psw = None if per_sample_weights is None else per_sample_weights.detach()
-        out = conn.pooled(table, indices, offsets, mode=mode, per_sample_weights=psw,
-                          include_last_offset=include_last_offset)
+        out = pooled if pooled is not None else conn.pooled(
+            table, indices, offsets, mode=mode, per_sample_weights=psw,
+            include_last_offset=include_last_offset)
         rows = None
         if per_sample_weights is not None and ctx.needs_input_grad[1]:
             # d out[b] / d psw[i] = row[i] as read now: rows may change before backward runs
@@ -102,7 +104,7 @@ class _PooledLookup(torch.autograd.Function):
         ctx.conn.apply_pooled_gradients(ctx.table, indices, offsets, grad_output.contiguous(),
                                         mode=ctx.mode, per_sample_weights=psw,
                                         include_last_offset=ctx.include_last_offset)
-        return None, grad_psw, None, None, None, None, None, None
+        return None, grad_psw, None, None, None, None, None, None, None
 
 
 class TierEmbeddingBag(nn.Module):
@@ -147,11 +149,17 @@ class TierEmbeddingBag(nn.Module):
             return self.conn.pooled(self.table, indices, offsets, mode=self.mode,
                                     per_sample_weights=per_sample_weights,
                                     include_last_offset=self.include_last_offset)
+        return self._trained(indices, offsets, per_sample_weights)
+
+    def _trained(self, indices: torch.Tensor, offsets: torch.Tensor,
+                 per_sample_weights: torch.Tensor | None,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled output (``pooled`` if the caller has it) recorded for backward."""
         # A fresh 0-element leaf makes the output require grad, so backward reaches the
         # connection; it gets no gradient. Not a parameter: nothing for DDP or optimizers.
         anchor = torch.empty(0, requires_grad=True)
         return _PooledLookup.apply(anchor, per_sample_weights, self.conn, self.table, indices,
-                                   offsets, self.mode, self.include_last_offset)
+                                   offsets, self.mode, self.include_last_offset, pooled)
 
     def extra_repr(self) -> str:
         return (f"table={self.table!r}, embedding_dim={self.embedding_dim}, mode={self.mode!r}, "
@@ -179,6 +187,7 @@ class TierEmbeddingBagCollection(nn.Module):
         if not isinstance(tables, Mapping) or not tables:
             raise ValueError("tables must be a non-empty mapping of feature name -> table name")
         self.mode = _check_mode(mode)
+        self.conn = conn
         self.feature_to_table: dict[str, str] = {}
         for feature, table in tables.items():
             if not isinstance(feature, str) or not feature:
@@ -265,7 +274,7 @@ class TierEmbeddingBagCollection(nn.Module):
         by_table: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             by_table.setdefault(self.feature_to_table[key], []).append(i)
-        pooled: dict[str, torch.Tensor] = {}
+        batches = []  # per table: indices, offsets (B + 1), weights
         for table, pos in by_table.items():
             idx = torch.cat([values[starts[i]:ends[i]] for i in pos])
             lens = lengths_kb[pos].reshape(-1).to(torch.int64)
@@ -273,10 +282,29 @@ class TierEmbeddingBagCollection(nn.Module):
             psw = None
             if weights is not None:
                 psw = torch.cat([weights[starts[i]:ends[i]] for i in pos])
-            out = self._bag[table](idx, offsets, psw)
+            batches.append((idx, offsets, psw))
+        outs = self._pooled_tables(list(by_table), batches)
+        pooled: dict[str, torch.Tensor] = {}
+        for (table, pos), out in zip(by_table.items(), outs):
             for i, part in zip(pos, out.split(b)):
                 pooled[keys[i]] = part
         return {key: pooled[key] for key in keys}
+
+    def _pooled_tables(self, tables: list[str], batches: list[tuple]) -> list[torch.Tensor]:
+        """Each table's pooled batch. Through the connection's ``pooled_many`` where it has
+        one (the service client resolves one table's misses while it pools another's),
+        unless weights need their gradient (that path reads the rows once more per table)."""
+        many = getattr(self.conn, "pooled_many", None)
+        if many is None or any(psw is not None and psw.requires_grad for _, _, psw in batches):
+            return [self._bag[t](*batch) for t, batch in zip(tables, batches)]
+        outs = many(tables, [b[0] for b in batches], [b[1] for b in batches], mode=self.mode,
+                    per_sample_weights=[None if b[2] is None else b[2].detach()
+                                        for b in batches],
+                    include_last_offset=True)
+        if not torch.is_grad_enabled():
+            return outs
+        return [self._bag[t]._trained(*batch, pooled=out)
+                for t, batch, out in zip(tables, batches, outs)]
 
     def forward_keyed(self, kjt_or_keys: Any, values: Any = None, lengths: Any = None,
                       weights: Any = None) -> Any:
