@@ -2,19 +2,19 @@
 
 Every part uses the same synthetic tables (``tables`` x ``rows``, fp32, row-wise Adagrad lr 0.01
 eps 1e-8) and the same ``make_batches`` ids (``n_batches`` distinct batches, steps cycling over
-them); a step is one batch over every table of the part: the pooled forward of every table in
-one ``pooled_many`` call (pipelined by the client: the service resolves one table's misses
-while the client pools another's), then, when training, each table's fused backward. Times
+them); a step is one batch over every table of the part. A training step is the pooled forward
+of every table in one ``pooled_many`` call (pipelined by the client: the service resolves one
+table's misses while the client pools another's), then each table's fused backward. Times
 are medians per step; a "ratio" is always tierstore's rate over the baseline's rate
 (baseline seconds / tierstore seconds), so above 1 means tierstore is faster. Alternatives
 compared in a part are timed interleaved, one step of each per round, so load from other
 processes hits both alike.
 Every process (this one, the service, the workers) runs with ``OMP_NUM_THREADS=1``.
 
-forward  Pooled forward (``conn.pooled_many``, include_last_offset) through a service whose DRAM
-         holds every row (warmed by one full pass, so every row of the batches is resident and
-         read straight from the shared slab) vs ``nn.EmbeddingBag(mode="sum")`` per table in
-         this process under ``no_grad``, same ids.                              target >= 0.85
+forward  Pooled forward (``conn.pooled`` per table, include_last_offset) through a service
+         whose DRAM holds every row (warmed by one full pass, so every row of the batches is
+         resident and read straight from the shared slab) vs ``nn.EmbeddingBag(mode="sum")``
+         per table in this process under ``no_grad``, same ids.                 target >= 0.85
 train    Forward + fused backward (``conn.apply_pooled_gradients`` with a fixed grad_output)
          through the same all-DRAM service vs the embedded ``tierstore.Store`` (same tables,
          same DRAM budget, warmed the same way) in this process.                 target >= 0.85
@@ -86,18 +86,20 @@ def _names(first: int, count: int) -> list[str]:
 
 def train_step(api: Any, names: list[str], b: Batch, grad: torch.Tensor) -> None:
     """Forward of one batch over ``names`` (a Connection or a Store), then each table's fused
-    backward, as a model's forward and loss.backward() run them."""
-    forward_step(api, names, b)
+    backward, as a model's forward and loss.backward() run them. The forward is one
+    ``pooled_many`` call (the client pipelines it through the service, as
+    TierEmbeddingBagCollection's forward does)."""
+    n = len(names)
+    api.pooled_many(names, b.indices[:n], b.offsets[:n], include_last_offset=True)
     for t, name in enumerate(names):
         api.apply_pooled_gradients(name, b.indices[t], b.offsets[t], grad,
                                    include_last_offset=True)
 
 
 def forward_step(api: Any, names: list[str], b: Batch) -> None:
-    """The pooled forward of every table in ``names``: one ``pooled_many`` call (the client
-    pipelines it through the service, as TierEmbeddingBagCollection's forward does)."""
-    n = len(names)
-    api.pooled_many(names, b.indices[:n], b.offsets[:n], include_last_offset=True)
+    """One table's pooled forward after another, each output dropped (as the baseline's)."""
+    for t, name in enumerate(names):
+        api.pooled(name, b.indices[t], b.offsets[t], include_last_offset=True)
 
 
 def _hits_lookups(conn: Any) -> tuple[int, int]:
