@@ -339,8 +339,8 @@ class Connection:
                     self._end(t)
                     raise
                 finally:
-                    if prev is not None:  # pooled while the service resolves table i
-                        self._finish(prev, answer, out)
+                    if prev is not None and self._lost is None:  # pooled while the service
+                        self._finish(prev, answer, out)          # resolves table i
             land()
         finally:
             if flight is not None:  # an error on the way: read the answer in flight first
