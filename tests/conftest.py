@@ -64,11 +64,24 @@ class Service(ServiceProcess):
         return super().stop(sig or signal.SIGTERM, timeout)
 
 
-@pytest.fixture
-def service(tmp_path):
-    """A started tierstored (8 MiB of DRAM); stopped with SIGTERM after the test."""
-    s = Service(tmp_path).start()
+def _serving(root, **kw):
+    """A started tierstored for the fixture's test; stopped with SIGTERM (killed if that
+    fails) after it."""
+    s = Service(root, **kw).start()
     yield s
     s.stop()
     if s.proc.returncode is None:
         s.proc.kill()
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A started tierstored (8 MiB of DRAM); stopped with SIGTERM after the test."""
+    yield from _serving(tmp_path)
+
+
+@pytest.fixture
+def small_service(tmp_path):
+    """A tierstored whose DRAM (64 KiB) holds a few percent of a test table: most rows live
+    on SCM."""
+    yield from _serving(tmp_path / "svc", ddr_bytes="64KiB")

@@ -40,19 +40,9 @@ def _reference(tmp_path, steps):
         return {name: full_table(ref, name) for name in sorted({t for t, _ in steps})}
 
 
-@pytest.fixture
-def small(tmp_path):
-    """A service whose DRAM holds a few percent of the table: most rows live on SCM."""
-    s = Service(tmp_path / "svc", ddr_bytes="64KiB").start()
-    yield s
-    s.stop()
-    if s.proc.returncode is None:
-        s.proc.kill()
-
-
-def test_apply_returns_before_its_reply_and_lands_before_the_next_read(small, tmp_path):
+def test_apply_returns_before_its_reply_and_lands_before_the_next_read(small_service, tmp_path):
     steps = [("t", _batch(1)), ("t", _batch(2))]
-    with small.connect() as conn:
+    with small_service.connect() as conn:
         conn.create_table(_spec())
         conn.apply_pooled_gradients("t", *steps[0][1])
         assert conn._pending is not None  # sent, reply not read
@@ -63,13 +53,13 @@ def test_apply_returns_before_its_reply_and_lands_before_the_next_read(small, tm
     torch.testing.assert_close(got, _reference(tmp_path, steps)["t"], rtol=0, atol=1e-6)
 
 
-def test_update_of_a_replanned_table_is_sent_again(small, tmp_path, monkeypatch):
+def test_update_of_a_replanned_table_is_sent_again(small_service, tmp_path, monkeypatch):
     """The table is re-planned between the client pinning its batch and the service reading
     its apply: the reply is Stale, nothing was applied, and the client sends the same update
     to the new slab. Its resident writes (made under pins the re-plan waits for) are kept;
     nothing is applied twice."""
     step = ("t", _batch(3))
-    with small.connect() as conn, small.connect() as other:
+    with small_service.connect() as conn, small_service.connect() as other:
         conn.create_table(_spec())
         real = connection_mod.Connection._apply_pipelined
         creator = []
@@ -106,10 +96,10 @@ def test_update_of_a_replanned_table_is_sent_again(small, tmp_path, monkeypatch)
     torch.testing.assert_close(got, _reference(tmp_path, [step])["t"], rtol=0, atol=1e-6)
 
 
-def test_overflowing_summed_gradients_refused_before_any_write(small, tmp_path):
+def test_overflowing_summed_gradients_refused_before_any_write(small_service, tmp_path):
     """Finite per-bag gradients whose sum for one row overflows: refused by the client, before
     it sends anything or writes a resident row."""
-    with small.connect() as conn:
+    with small_service.connect() as conn:
         conn.create_table(_spec())
         far = [17_000, 19_000]  # never read before the update: not resident
         ids = torch.tensor([far[0], far[0], far[1], far[1], 3])

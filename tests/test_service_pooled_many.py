@@ -11,7 +11,6 @@ import tierstore as ts
 from tierstore import ops
 from tierstore.client import connection as connection_mod
 from tierstore.client.attached import Stale
-from conftest import Service
 
 ROWS, DIM, TABLES = 20_000, 16, 4
 
@@ -27,15 +26,6 @@ def _batches(seed, n=3000, bags=150):
     offsets = [torch.arange(0, n, n // bags)] * TABLES
     psw = [None, None, torch.from_numpy(g.random(n).astype(np.float32)), None]
     return ids, offsets, psw
-
-
-@pytest.fixture
-def small(tmp_path):
-    s = Service(tmp_path / "svc", ddr_bytes="64KiB").start()
-    yield s
-    s.stop()
-    if s.proc.returncode is None:
-        s.proc.kill()
 
 
 @pytest.fixture
@@ -55,7 +45,7 @@ def _expected(ref, ids, offsets, psw, mode="sum"):
             for t in range(TABLES)]
 
 
-def test_pooled_many_is_pooled_per_table_with_the_next_resolve_in_flight(small, ref,
+def test_pooled_many_is_pooled_per_table_with_the_next_resolve_in_flight(small_service, ref,
                                                                           monkeypatch):
     events = []
     real_send, real_end = connection_mod.Connection._resolve_send, ops.pooled_end
@@ -69,7 +59,7 @@ def test_pooled_many_is_pooled_per_table_with_the_next_resolve_in_flight(small, 
         return real_end(cache, *a)
     monkeypatch.setattr(connection_mod.Connection, "_resolve_send", send)
     monkeypatch.setattr(ops, "pooled_end", end)
-    with small.connect() as conn:
+    with small_service.connect() as conn:
         for name in _names():
             conn.create_table(_spec(name))
         for seed in range(3):
@@ -89,9 +79,9 @@ def test_pooled_many_is_pooled_per_table_with_the_next_resolve_in_flight(small, 
         assert conn.stats()["tables"]["t0"]["bypassed"] > 0  # rows served from SCM too
 
 
-def test_bad_input_in_the_middle_raises_and_leaves_the_connection_usable(small, ref):
+def test_bad_input_in_the_middle_raises_and_leaves_the_connection_usable(small_service, ref):
     ids, offsets, psw = _batches(7)
-    with small.connect() as conn:
+    with small_service.connect() as conn:
         for name in _names():
             conn.create_table(_spec(name))
         bad = list(ids)
@@ -110,7 +100,7 @@ def test_bad_input_in_the_middle_raises_and_leaves_the_connection_usable(small, 
         torch.testing.assert_close(one, got[3], rtol=0, atol=1e-6)
 
 
-def test_a_refused_resolve_is_taken_again_by_the_plain_path(small, ref, monkeypatch):
+def test_a_refused_resolve_is_taken_again_by_the_plain_path(small_service, ref, monkeypatch):
     """A table re-planned while its resolve was in flight (the reply is Stale): pooled_many
     pools it again at the end, through pooled(), and still returns every table in order."""
     real = connection_mod.Connection._answer
@@ -125,7 +115,7 @@ def test_a_refused_resolve_is_taken_again_by_the_plain_path(small, ref, monkeypa
     monkeypatch.setattr(connection_mod.Connection, "_answer", answer)
     ids, offsets, _ = _batches(11)
     ids[1] = ids[0].flip(0)  # t1 misses too, so it has a resolve in flight
-    with small.connect() as conn:
+    with small_service.connect() as conn:
         for name in _names():
             conn.create_table(_spec(name))
         got = conn.pooled_many(_names(), ids, offsets)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tierstore import checks
 from tierstore.config import TableSpec
+from tierstore.errors import InvalidInput
 
 _MODES = {"sum": 0, "mean": 1}  # torch.embedding_bag's mode codes
 
@@ -55,6 +56,18 @@ def pooled(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str = "sum"
         return _pool(cache.weights_t, torch.from_numpy(pos_np), off, mode, psw, rows, bypass)
     finally:
         cache.end_op()
+
+
+def weights_per_table(tables: Any, indices: Any, offsets: Any,
+                      per_sample_weights: Any) -> list[Any]:
+    """pooled_many's per-table weights (None each when not given), after checking that every
+    argument has one entry per table. Raises InvalidInput."""
+    n = len(tables)
+    psws = [None] * n if per_sample_weights is None else list(per_sample_weights)
+    if len(indices) != n or len(offsets) != n or len(psws) != n:
+        raise InvalidInput(f"pooled_many: {n} tables, {len(indices)} indices, "
+                           f"{len(offsets)} offsets, {len(psws)} per_sample_weights")
+    return psws
 
 
 class PendingPool:

@@ -247,10 +247,7 @@ class Store:
         ``per_sample_weights[i]`` for ``tables[i]``): the service client's pipelined call,
         here one pooled() per table in order."""
         n = len(tables)
-        psws = [None] * n if per_sample_weights is None else list(per_sample_weights)
-        if len(indices) != n or len(offsets) != n or len(psws) != n:
-            raise InvalidInput(f"pooled_many: {n} tables, {len(indices)} indices, "
-                               f"{len(offsets)} offsets, {len(psws)} per_sample_weights")
+        psws = ops.weights_per_table(tables, indices, offsets, per_sample_weights)
         return [self.pooled(tables[i], indices[i], offsets[i], mode, psws[i],
                             include_last_offset) for i in range(n)]
 

@@ -292,10 +292,7 @@ class Connection:
         one before. The same outputs as one pooled() per table, in order, and the same errors
         (raised once the request in flight, if any, is answered)."""
         n = len(tables)
-        psws = [None] * n if per_sample_weights is None else list(per_sample_weights)
-        if len(indices) != n or len(offsets) != n or len(psws) != n:
-            raise InvalidInput(f"pooled_many: {n} tables, {len(indices)} indices, "
-                               f"{len(offsets)} offsets, {len(psws)} per_sample_weights")
+        psws = ops.weights_per_table(tables, indices, offsets, per_sample_weights)
         out: list[Any] = [None] * n
         self._drain()  # no pipelined update in flight meanwhile: replies come in request order
         for table in tables:  # attach first: an attach is a request of its own
