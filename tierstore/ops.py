@@ -4,7 +4,8 @@
 ``cache`` is the table's DRAM tier as this process sees it: the owner's
 :class:`~tierstore.tiers.ddr.DDRCache` or a client's view of the service's slab. It provides
 ``weights_t`` (the slab as a tensor, row 0 zero), ``resident_positions(ids)`` (fast path: all
-rows resident, or None), ``resolve(ids)`` (positions plus rows served from SCM) and
+rows resident, or None), ``resolve(ids)`` (positions plus rows served from SCM),
+``take_prefetched(ids)`` (the same for a batch ``Store.prefetch`` resolved ahead, or None) and
 ``apply(ids, src, scale, grad)`` (optimizer update); ``end_op()`` is called when an operation is
 done with the slab.
 """
@@ -28,11 +29,14 @@ def lookup(cache, spec: TableSpec, ids: Any) -> torch.Tensor:
     """Rows of ``ids`` as Tensor [n, dim] (see Store.lookup)."""
     rows = checks.ids(ids, spec, check_range=False)
     try:
-        pos = cache.resident_positions(rows)
-        if pos is not None:
-            return cache.weights_t.index_select(0, pos)
-        checks.id_range(rows, spec)
-        pos_np, bypass = cache.resolve(rows.numpy())
+        got = cache.take_prefetched(rows)
+        if got is None:
+            pos = cache.resident_positions(rows)
+            if pos is not None:
+                return cache.weights_t.index_select(0, pos)
+            checks.id_range(rows, spec)
+            got = cache.resolve(rows.numpy())
+        pos_np, bypass = got
         out = cache.weights_t.index_select(0, torch.from_numpy(pos_np))
         if bypass is not None:
             where, k = bypass.positions(rows.numpy(), pos_np)
@@ -48,11 +52,14 @@ def pooled(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str = "sum"
     rows, off, psw = _pooled_inputs(spec, indices, offsets, mode, per_sample_weights,
                                     include_last_offset)
     try:
-        pos = cache.resident_positions(rows)
-        if pos is not None:  # every row in DRAM: one fused gather-and-pool
-            return _pool_resident(cache.weights_t, pos, off, mode, psw)
-        checks.id_range(rows, spec, "indices")
-        pos_np, bypass = cache.resolve(rows.numpy())
+        got = cache.take_prefetched(rows)
+        if got is None:
+            pos = cache.resident_positions(rows)
+            if pos is not None:  # every row in DRAM: one fused gather-and-pool
+                return _pool_resident(cache.weights_t, pos, off, mode, psw)
+            checks.id_range(rows, spec, "indices")
+            got = cache.resolve(rows.numpy())
+        pos_np, bypass = got
         return _pool(cache.weights_t, torch.from_numpy(pos_np), off, mode, psw, rows, bypass)
     finally:
         cache.end_op()

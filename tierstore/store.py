@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -65,6 +66,8 @@ class _Open:
     spec: TableSpec
     backing: Any  # RowFile | LmdbRows
     cache: DDRCache | None = None
+    #: the table's prefetch running on the store's prefetch thread (Store.prefetch), if any
+    prefetching: Future | None = None
 
 
 class Store:
@@ -105,6 +108,7 @@ class Store:
         self._open: dict[str, _Open] = {}
         self._generation = 0
         self._closed = False
+        self._prefetcher: ThreadPoolExecutor | None = None  # started by the first prefetch
 
     # -- tables ----------------------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> Table:
@@ -125,6 +129,7 @@ class Store:
         self._check_open()
         if name not in self._open:
             spec = self.catalog.get(name)
+            self._settle_all()
             self._check_fits({**{n: o.spec for n, o in self._open.items()}, name: spec})
             backing = (RowFile(self._row_path(name), spec) if spec.id_space == "dense"
                        else LmdbRows(self.catalog, spec))
@@ -137,6 +142,7 @@ class Store:
         self._check_open()
         name = name.name if isinstance(name, Table) else name
         self.catalog.get(name)
+        self._settle_all()
         entry = self._open.pop(name, None)
         if entry is not None:
             if entry.cache is not None:
@@ -215,7 +221,55 @@ class Store:
             raise UnknownTable(f"table must be a name or Table, got {type(table).__name__}")
         if name not in self._open:
             self.open_table(name)
-        return self._open[name]
+        e = self._open[name]
+        if e.prefetching is not None:
+            self._settle(e)
+        return e
+
+    # -- prefetch ----------------------------------------------------------------------------
+    def prefetch(self, table: str | Table, indices: Any) -> None:
+        """Start bringing a coming batch's rows into DRAM on the store's prefetch thread, while
+        the caller works on other tables (TorchRec's prefetch pipeline: prefetch batch i + 1 of
+        a table once batch i's backward of it is done).
+
+        The policy sees the batch now: its lookups are counted, its misses admitted (or read
+        from SCM where the policy bypasses them) exactly as its forward would have. The
+        table's next ``pooled``/``lookup`` of the same indices uses that work instead of
+        repeating it; any other operation on the table first waits for the prefetch, and
+        raises its error if it failed (reading SCM). So prefetch only a batch that runs next
+        on this table: another one finds nothing prefetched and is resolved again (counted
+        twice). Tables held whole in DRAM need no prefetch: a no-op.
+
+        indices: 1-D int, any of the table's ids (copied: the caller may reuse the buffer).
+        Raises UnknownTable, InvalidInput (at once, on the caller's thread).
+        """
+        e = self._entry(table)
+        rows = checks.ids(indices, e.spec)
+        if e.cache.full_table or not len(rows):
+            return
+        rows = rows.numpy().copy()
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefetch")
+        e.prefetching = self._prefetcher.submit(e.cache.prefetch, rows)
+
+    @staticmethod
+    def _settle(e: _Open) -> None:
+        """Wait for the table's prefetch; raise its error, if any (once)."""
+        f, e.prefetching = e.prefetching, None
+        if f is not None:
+            f.result()
+
+    def _settle_all(self) -> None:
+        """Wait for every table's prefetch (before work that spans tables); the first error
+        is raised after all have finished."""
+        first: BaseException | None = None
+        for e in self._open.values():
+            try:
+                self._settle(e)
+            except BaseException as err:  # noqa: BLE001 - raised below, after the others
+                first = first or err
+        if first is not None:
+            raise first
 
     # -- reads and writes (tierstore/ops.py holds the logic, shared with the client) ----------
     def lookup(self, table: str | Table, ids: Any) -> torch.Tensor:
@@ -359,6 +413,7 @@ class Store:
         """Write back every dirty row and make the store durable (fsync). After flush(), a
         process killed with SIGKILL reopens to exactly this state."""
         self._check_open()
+        self._settle_all()
         for e in self._open.values():
             e.cache.flush_dirty()
             e.backing.flush()
@@ -371,6 +426,8 @@ class Store:
         try:
             self.flush()
         finally:
+            if self._prefetcher is not None:  # flush settled every prefetch, unless it failed
+                self._prefetcher.shutdown(wait=True)
             for e in self._open.values():
                 e.cache.close()
                 e.backing.close()
@@ -393,6 +450,7 @@ class Store:
     def stats(self) -> dict[str, Any]:
         """Per-table and store-wide figures (Redis INFO-like; all counts since open)."""
         self._check_open()
+        self._settle_all()
         tables = {name: self._table_stats(e) for name, e in self._open.items()}
         return {
             "path": self.path,
@@ -434,6 +492,7 @@ class Store:
         state_dtype, rebaseline_at, ...): :func:`tierstore.ckpt.checkpoint`."""
         from tierstore import ckpt
         self._check_open()
+        self._settle_all()
         return ckpt.checkpoint(self, root, policy, bits, quant, **kw).path
 
     def restore(self, path: str | os.PathLike, **kw: Any) -> dict[str, Any]:
@@ -442,6 +501,7 @@ class Store:
         ``extra_state``: :func:`tierstore.ckpt.restore`."""
         from tierstore import ckpt
         self._check_open()
+        self._settle_all()
         return ckpt.restore(self, path, **kw)
 
 

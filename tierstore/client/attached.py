@@ -126,6 +126,10 @@ class AttachedTable(SlabWriter):
             out[:] = 0
         return st, out
 
+    def take_prefetched(self, ids: torch.Tensor) -> None:
+        """Nothing: a client's batches are resolved by the service when they run."""
+        return None
+
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Positions of ``ids`` if all are resident, else None. Read path only: nothing is
         pinned; :meth:`end_op` checks that no eviction overlapped the caller's gather."""

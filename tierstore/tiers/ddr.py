@@ -619,6 +619,9 @@ class DDRCache(SlabWriter):
         #: the last bypass read (backing generation, rows, weights, state): the backward of
         #: the same batch updates those rows on SCM and reuses it while current
         self._bypass_read: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        #: a batch resolved ahead of its forward (:meth:`prefetch`): ids, positions, bypass
+        #: rows and the epoch they are valid at
+        self._prefetched: tuple[np.ndarray, np.ndarray, Bypass | None, int] | None = None
         #: the whole (dense) table fits: every row is loaded now, row r in slot r, and never
         #: evicted, so a batch's positions are its ids + 1 (no index read on the fast path)
         self.full_table = (spec.id_space == "dense" and self.capacity >= spec.num_rows
@@ -726,6 +729,29 @@ class DDRCache(SlabWriter):
         self.counters["bypassed"] += len(rest)
         w, s = self._read_bypass(rest)
         return pos, Bypass(rest, w, s, *bypass_map(got, m.where, m.at))
+
+    def prefetch(self, ids: np.ndarray) -> None:
+        """Resolve a coming batch now (``Store.prefetch``): its lookups are counted, the policy
+        decides its misses and admits them, its bypassed rows are read, all as that batch's
+        own :meth:`resolve` would; :meth:`take_prefetched` then hands the result to the
+        batch's forward. ids: int64 [n], in range, not changed by the caller afterwards."""
+        pos = self.resident_positions(torch.from_numpy(ids))
+        if pos is not None:
+            pos_np, bypass = pos.numpy(), None
+        else:
+            pos_np, bypass = self.resolve(ids)
+        self._prefetched = (ids, pos_np, bypass, self._epoch)
+
+    def take_prefetched(self, ids: torch.Tensor) -> tuple[np.ndarray, Bypass | None] | None:
+        """The positions and bypass rows :meth:`prefetch` found for exactly ``ids`` (int64
+        tensor), if no row entered or left DRAM since; else None. Either way the prefetched
+        batch is forgotten (it is used once)."""
+        saved, self._prefetched = self._prefetched, None
+        if saved is None or saved[3] != self._epoch or len(saved[0]) != ids.shape[0]:
+            return None
+        if not np.array_equal(saved[0], ids.numpy()):
+            return None
+        return saved[1], saved[2]
 
     def _gathered_positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids``: those :meth:`resident_positions` just gathered for this very
