@@ -2,6 +2,7 @@
 and goes on without its reply. A real tierstored process, real clients; references from the
 embedded Store doing the same operations."""
 
+import glob
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ import torch
 
 import tierstore as ts
 from tierstore.client import connection as connection_mod
-from tierstore.tiers import pins
+from tierstore.tiers import pins, shm
 from conftest import Service, full_table
 
 ROWS, DIM = 20_000, 16
@@ -137,3 +138,9 @@ def test_service_killed_with_an_update_in_flight(tmp_path):
     finally:
         if svc.proc.returncode is None:
             svc.proc.kill()
+            svc.proc.wait(10)
+    # the next service of the store removes the dead one's shared memory (else it outlives
+    # the test: 64 MiB of mailbox and the tables' slabs in /dev/shm)
+    dead = svc.proc.pid
+    Service(tmp_path / "svc", ddr_bytes="64KiB").start().stop()
+    assert not glob.glob(os.path.join(shm.SHM_DIR, f"tierstore.*.{dead}.*"))
