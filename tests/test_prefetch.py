@@ -164,8 +164,10 @@ def test_prefetch_of_a_table_held_whole_is_a_no_op(tmp_path):
         s.create_table(ts.TableSpec("t", 1000, 4))
         s.prefetch("t", torch.arange(100))
         assert s.stats()["tables"]["t"]["lookups"] == 0
-        with pytest.raises(InvalidInput):
-            s.prefetch("t", torch.tensor([1000]))
+        s.prefetch("t", torch.tensor([1000]))  # not even checked: nothing to do
+        with pytest.raises(InvalidInput):  # the operation that uses the ids checks them
+            s.pooled("t", torch.tensor([1000]), torch.tensor([0]))
+        assert s.stats()["tables"]["t"]["lookups"] == 0
 
 
 def test_close_flush_and_checkpoint_wait_for_a_running_prefetch(tmp_path):

@@ -238,14 +238,18 @@ class Store:
         repeating it; any other operation on the table first waits for the prefetch, and
         raises its error if it failed (reading SCM). So prefetch only a batch that runs next
         on this table: another one finds nothing prefetched and is resolved again (counted
-        twice). Tables held whole in DRAM need no prefetch: a no-op.
+        twice). Tables held whole in DRAM need no prefetch: a no-op (the operation that uses
+        the ids checks them).
 
         indices: 1-D int, any of the table's ids (copied: the caller may reuse the buffer).
-        Raises UnknownTable, InvalidInput (at once, on the caller's thread).
+        Raises UnknownTable, InvalidInput (at once, on the caller's thread; not for tables
+        held whole).
         """
         e = self._entry(table)
+        if e.cache.full_table:
+            return
         rows = checks.ids(indices, e.spec)
-        if e.cache.full_table or not len(rows):
+        if not len(rows):
             return
         rows = rows.numpy().copy()
         if self._prefetcher is None:
