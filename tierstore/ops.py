@@ -5,7 +5,7 @@
 :class:`~tierstore.tiers.ddr.DDRCache` or a client's view of the service's slab. It provides
 ``weights_t`` (the slab as a tensor, row 0 zero), ``resident_positions(ids)`` (fast path: all
 rows resident, or None), ``resolve(ids)`` (positions plus rows served from SCM),
-``take_prefetched(ids)`` (the same for a batch ``Store.prefetch`` resolved ahead, or None) and
+``take_prefetched(ids)`` (the same for a batch ``prefetch`` resolved ahead, or None) and
 ``apply(ids, src, scale, grad)`` (optimizer update); ``end_op()`` is called when an operation is
 done with the slab.
 """
@@ -96,6 +96,17 @@ def pooled_begin(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str =
     holds pins until pooled_end or ``cache.end_op()``."""
     rows, off, psw = _pooled_inputs(spec, indices, offsets, mode, per_sample_weights,
                                     include_last_offset)
+    try:
+        got = cache.take_prefetched(rows)
+    except BaseException:
+        cache.end_op()
+        raise
+    if got is not None:
+        try:
+            return _pool(cache.weights_t, torch.from_numpy(got[0]), off, mode, psw, rows,
+                         got[1])
+        finally:
+            cache.end_op()
     pos = cache.resident_positions(rows)
     if pos is not None:
         try:

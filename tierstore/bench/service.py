@@ -84,16 +84,20 @@ def _names(first: int, count: int) -> list[str]:
     return [f"t{t}" for t in range(first, first + count)]
 
 
-def train_step(api: Any, names: list[str], b: Batch, grad: torch.Tensor) -> None:
+def train_step(api: Any, names: list[str], b: Batch, grad: torch.Tensor,
+               nxt: Batch | None = None) -> None:
     """Forward of one batch over ``names`` (a Connection or a Store), then each table's fused
     backward, as a model's forward and loss.backward() run them. The forward is one
     ``pooled_many`` call (the client pipelines it through the service, as
-    TierEmbeddingBagCollection's forward does)."""
+    TierEmbeddingBagCollection's forward does). With ``nxt``, each table's backward is
+    followed by the prefetch of its batch in ``nxt`` (a no-op for tables held whole)."""
     n = len(names)
     api.pooled_many(names, b.indices[:n], b.offsets[:n], include_last_offset=True)
     for t, name in enumerate(names):
         api.apply_pooled_gradients(name, b.indices[t], b.offsets[t], grad,
                                    include_last_offset=True)
+        if nxt is not None:
+            api.prefetch(name, nxt.indices[t])
 
 
 def forward_step(api: Any, names: list[str], b: Batch) -> None:
@@ -145,7 +149,7 @@ class _Bench:
         if warm and not self.warm:
             with self.resident.connect() as conn:
                 for i in range(len(self.batches)):
-                    train_step(conn, self.names, self.batch(i), self.grad)
+                    train_step(conn, self.names, self.batch(i), self.grad, self.batch(i + 1))
             self.warm = True
         return self.resident
 
@@ -179,11 +183,13 @@ class _Bench:
             for name in self.names:
                 store.create_table(_spec(name, c["rows"], c["dim"]))
             for i in range(len(self.batches)):  # admit every row of the batches, numba warm
-                train_step(store, self.names, self.batch(i), self.grad)
+                train_step(store, self.names, self.batch(i), self.grad, self.batch(i + 1))
             train_step(conn, self.names, self.batch(0), self.grad)  # attach (service warm)
             m = interleaved({
-                "service": lambda i: train_step(conn, self.names, self.batch(i), self.grad),
-                "store": lambda i: train_step(store, self.names, self.batch(i), self.grad)},
+                "service": lambda i: train_step(conn, self.names, self.batch(i), self.grad,
+                                                self.batch(i + 1)),
+                "store": lambda i: train_step(store, self.names, self.batch(i), self.grad,
+                                              self.batch(i + 1))},
                 c["repeats"])
         finally:
             conn.close()
@@ -275,12 +281,14 @@ class _Bench:
             small = d.connect()
             try:
                 for i in range(len(self.batches)):  # admit, page cache warm, attach
-                    train_step(small, self.names, self.batch(i), self.grad)
+                    train_step(small, self.names, self.batch(i), self.grad, self.batch(i + 1))
                 train_step(conn, self.names, self.batch(0), self.grad)  # attach (service warm)
                 h0, l0 = _hits_lookups(small)
                 m = interleaved({
-                    "all": lambda i: train_step(conn, self.names, self.batch(i), self.grad),
-                    "frac": lambda i: train_step(small, self.names, self.batch(i), self.grad)},
+                    "all": lambda i: train_step(conn, self.names, self.batch(i), self.grad,
+                                                self.batch(i + 1)),
+                    "frac": lambda i: train_step(small, self.names, self.batch(i), self.grad,
+                                                 self.batch(i + 1))},
                     c["repeats"])
                 h1, l1 = _hits_lookups(small)
                 dram_rows = sum(t["rows_in_dram"] for t in small.stats()["tables"].values())
@@ -423,8 +431,8 @@ def worker(argv: list[str]) -> int:
     grad = torch.randn(a.batch, a.dim, generator=torch.Generator().manual_seed(a.seed))
     conn = connect(a.run_dir)
     try:
-        for b in batches:
-            train_step(conn, names, b, grad)
+        for i, b in enumerate(batches):
+            train_step(conn, names, b, grad, batches[(i + 1) % len(batches)])
         print("ready", flush=True)
         t0 = float(sys.stdin.readline())
         out, i = [], 0
@@ -432,7 +440,8 @@ def worker(argv: list[str]) -> int:
             time.sleep(max(0.0, t0 + start - time.time()))
             s, c, n = time.time(), time.process_time(), 0
             while time.time() < t0 + end:
-                train_step(conn, names, batches[i % len(batches)], grad)
+                train_step(conn, names, batches[i % len(batches)], grad,
+                           batches[(i + 1) % len(batches)])
                 i += 1
                 n += 1
             out.append({"steps": n, "seconds": time.time() - s,

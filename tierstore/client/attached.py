@@ -90,6 +90,8 @@ class AttachedTable(SlabWriter):
         #: the last pinned batch missed: skip the unpinned all-resident attempt (a gather the
         #: pinned path repeats) until a batch is all resident again
         self._missed = False
+        #: this table's next batch resolved ahead (Connection.prefetch), if any
+        self.prefetched: Any = None
 
     def _attach(self, desc: list, writable: bool) -> np.ndarray:
         seg, arr = _map(desc, writable)
@@ -126,9 +128,23 @@ class AttachedTable(SlabWriter):
             out[:] = 0
         return st, out
 
-    def take_prefetched(self, ids: torch.Tensor) -> None:
-        """Nothing: a client's batches are resolved by the service when they run."""
-        return None
+    def take_prefetched(self, ids: torch.Tensor) -> tuple[np.ndarray, Bypass | None] | None:
+        """Positions and bypass rows of exactly ``ids`` if :meth:`Connection.prefetch` sent
+        them ahead (their reply read now; the prefetch's pins are this operation's), else
+        None after giving up any other prefetched batch. Raises the service's refusal."""
+        f = self.prefetched
+        if f is None:
+            return None
+        self.prefetched = None
+        self.conn._land(f)
+        if len(f.ids) != ids.shape[0] or not np.array_equal(f.ids, ids.numpy()):
+            self.end_op()  # another batch: the prefetch's pins go
+            return None
+        if f.misses is None:
+            return f.pos, None
+        if isinstance(f.answer, BaseException):
+            raise f.answer
+        return self.fill(f.pos, f.misses, *f.answer)
 
     def resident_positions(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Positions of ``ids`` if all are resident, else None. Read path only: nothing is
@@ -205,6 +221,8 @@ class AttachedTable(SlabWriter):
         if not self.writable:
             raise InvalidInput(f"table {self.name!r} is attached read-only by this client; "
                                f"attach it with mode='write' to update rows")
+        if self.prefetched is not None:  # an update before the prefetched batch's forward
+            self.conn._give_up(self)
         lo, hi = self.write_range
         if len(ids) and (ids.min() < lo or ids.max() >= hi):
             raise InvalidInput(f"table {self.name!r}: this client writes rows [{lo}, {hi}) "

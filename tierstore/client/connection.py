@@ -19,6 +19,7 @@ slab, transparently) or for a fault of its own, which is raised by the connectio
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -30,7 +31,7 @@ from typing import Any, NoReturn, Sequence
 import numpy as np
 import torch
 
-from tierstore import errors, ops
+from tierstore import checks, errors, ops
 from tierstore.client.attached import AttachedTable, Retry, Stale
 from tierstore.config import TableSpec
 from tierstore.daemon import protocol
@@ -50,6 +51,20 @@ class _InFlight:
     i: int
     table: AttachedTable
     pending: ops.PendingPool
+
+
+@dataclass
+class _Prefetch:
+    """A table's next batch resolved ahead (:meth:`Connection.prefetch`): its ids, the
+    positions and misses its pin found, and the service's answer once read (positions and
+    bypass rows, or the refusal as an exception object). Its pins last until the batch's
+    forward, or until the prefetch is given up."""
+    table: AttachedTable
+    ids: np.ndarray
+    pos: np.ndarray
+    misses: Any
+    answer: Any = None
+    answered: bool = False
 
 
 @dataclass
@@ -98,6 +113,9 @@ class Connection:
         self._lost: str | None = None
         self._tables: dict[str, AttachedTable] = {}
         self._pending: _PendingApply | None = None
+        #: requests whose replies are unread, in the order sent: the pipelined apply
+        #: (``_pending``) and at most one prefetch (a resolve whose reply is read later)
+        self._inflight: collections.deque[_PendingApply | _Prefetch] = collections.deque()
         path = os.path.join(self.run_dir, SOCKET_NAME)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -118,8 +136,11 @@ class Connection:
 
     # -- the socket -------------------------------------------------------------------------
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise the service's error if not ok."""
+        """Send one request and wait for its reply; raise the service's error if not ok.
+        Prefetched batches are given up first (their pins could hold up the service, say a
+        re-plan this request causes)."""
         self._drain()
+        self._drop_prefetches()
         self._send(msg)
         reply = self._reply()
         if not reply.get("ok"):
@@ -149,19 +170,31 @@ class Connection:
 
     def _lost_now(self, e: BaseException) -> NoReturn:
         self._pending = None
+        self._inflight.clear()
         self._mark_lost(f"connection to tierstored at {self.run_dir} lost: {e}")
         raise ConnectionLost(self._lost) from None
 
     def _drain(self, table: str | None = None) -> None:
         """Read the reply of the pipelined ``apply`` in flight (if any; with ``table``, only
-        if it updates that table). A re-planned table gets the update again; any other
-        refusal is raised here."""
+        if it updates that table), and those sent before it (a prefetch's). A re-planned
+        table gets the update again; any other refusal is raised here."""
         p = self._pending
         if p is None or (table is not None and p.table != table):
             return
         if self._lost:
             self._pending = None
+            self._inflight.clear()
             raise ConnectionLost(self._lost)
+        while self._pending is p:
+            self._read_one()
+
+    def _read_one(self) -> None:
+        """Read the reply of the oldest request in flight and hand it to that request."""
+        head = self._inflight.popleft()
+        if isinstance(head, _Prefetch):
+            head.answer = self._prefetch_answer(head)
+            head.answered = True
+            return
         reply = self._reply()
         self._pending = None
         if reply.get("ok"):
@@ -170,7 +203,47 @@ class Connection:
             _raise_reply(reply)
         # refused before anything changed: the rows it names were not resident when this
         # client pinned its batch; whatever the new slab holds now, the update goes where they live
-        self._with_table(p.table, lambda t: ops.apply_gradients(t, t.spec, p.rows, p.summed))
+        self._with_table(head.table, lambda t: ops.apply_gradients(t, t.spec, head.rows,
+                                                                   head.summed))
+
+    def _prefetch_answer(self, f: _Prefetch) -> Any:
+        """The reply to a prefetch's resolve: (positions, bypass) or the refusal as an
+        exception object. Raises only ConnectionLost."""
+        try:
+            return self._resolve_parse(f.table, len(f.misses.rows), self._reply())
+        except ConnectionLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - raised by the batch's forward, if it comes
+            return e
+
+    def _land(self, f: _Prefetch) -> None:
+        """Read replies until ``f``'s is in."""
+        while not f.answered:
+            if self._lost:
+                raise ConnectionLost(self._lost)
+            self._read_one()
+
+    def _land_prefetches(self) -> None:
+        """Read every prefetch's reply (and any sent before one): the mailbox's lower half is
+        then free, and the next reply read is the next request's."""
+        while any(isinstance(x, _Prefetch) for x in self._inflight):
+            self._read_one()
+
+    def _drop_prefetches(self) -> None:
+        """Give up every prefetched batch: replies read, pins released."""
+        self._land_prefetches()
+        for t in self._tables.values():
+            self._give_up(t)
+
+    def _give_up(self, t: AttachedTable) -> None:
+        """Give up ``t``'s prefetched batch, if any: its reply read, its pins released (its
+        lookups stay counted: the batch, when it runs, is resolved and counted again)."""
+        f = t.prefetched
+        if f is None:
+            return
+        t.prefetched = None
+        self._land(f)
+        self._end(t)
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray()
@@ -186,8 +259,8 @@ class Connection:
         if self._lost:
             raise ConnectionLost(self._lost)
         while self._poll.poll(0):
-            if self._pending is not None:  # the pipelined apply's reply (or the hang-up)
-                self._drain()
+            if self._inflight:  # a reply to a request in flight (or the hang-up)
+                self._read_one()
                 continue
             # the service never speaks unasked: readable means closed
             self._mark_lost(f"tierstored at {self.run_dir} has gone away")
@@ -195,6 +268,7 @@ class Connection:
 
     def _mark_lost(self, why: str) -> None:
         self._lost = why
+        self._inflight.clear()
         for t in self._tables.values():
             t.close()
         self._tables.clear()
@@ -294,7 +368,8 @@ class Connection:
         n = len(tables)
         psws = ops.weights_per_table(tables, indices, offsets, per_sample_weights)
         out: list[Any] = [None] * n
-        self._drain()  # no pipelined update in flight meanwhile: replies come in request order
+        self._drain()  # nothing in flight meanwhile: replies come in request order
+        self._land_prefetches()
         for table in tables:  # attach first: an attach is a request of its own
             self._table(table)
         flight: _InFlight | None = None
@@ -349,6 +424,50 @@ class Connection:
                 out[i] = self.pooled(tables[i], indices[i], offsets[i], mode, psws[i],
                                      include_last_offset)
         return out
+
+    def prefetch(self, table: str, indices: Any) -> None:
+        """Send the resolve of a coming batch of ``table`` now and go on without its reply
+        (see :meth:`tierstore.Store.prefetch`): the service admits its misses while this
+        process works on other tables, and the table's next ``pooled``/``lookup`` of the same
+        ids (or ``pooled_many``) uses the answer. Call it after the table's backward of the
+        batch before: its rows stay pinned until the prefetched batch's forward (another
+        operation on the table, or a request like ``stats`` or ``create_table``, gives the
+        prefetch up; that batch is then resolved and counted again when it runs). Best
+        effort: a batch too large for half the mailbox, or a table being re-planned, is not
+        prefetched. Tables held whole: a no-op. Raises UnknownTable, InvalidInput, ConnectionLost.
+        """
+        t = self._table(table)
+        if t.full_table:
+            return
+        rows = checks.ids(indices, t.spec).numpy()
+        self._give_up(t)
+        if not len(rows) or len(rows) > self.max_batch:
+            return
+        self._land_prefetches()  # one prefetch in flight: the mailbox's lower half is its own
+        try:
+            pos, m = t.pin_batch(rows)
+        except (Retry, Stale):
+            self._end(t)
+            return
+        f = _Prefetch(t, rows.copy(), pos, m, answered=m is None)
+        if m is not None:
+            hits = m.hit_slots[: self._max_hits()]
+            lay = t.spec.layout
+            reply = len(m.rows) * (16 + lay.np_dtype.itemsize * t.spec.dim + 4 * lay.state_dim)
+            if 8 * (len(m.rows) + len(hits)) + reply + 64 > len(self._mailbox) // 2:
+                self._end(t)  # (the pipelined apply may use the upper half meanwhile)
+                return
+            recent = t.take_recent()
+            recent = recent[: max(0, (len(self._mailbox) // 2 - reply) // 8
+                                  - len(m.rows) - len(hits) - 8)]
+            off = self._put(0, m.rows.astype(np.int64, copy=False))
+            off = self._put(off, hits.astype(np.int64, copy=False))
+            self._put(off, recent)
+            self._send({"op": "resolve", "table": t.name, "rows": len(m.rows),
+                        "hits": len(hits), "recent": len(recent), "lookups": len(rows),
+                        "seq": t.seq})
+            self._inflight.append(f)
+        t.prefetched = f
 
     def _one_request(self, t: AttachedTable, p: ops.PendingPool) -> bool:
         """Whether ``p``'s misses go in one resolve (else, or over max_batch, the plain path
@@ -463,6 +582,7 @@ class Connection:
     def _resolve_send(self, t: AttachedTable, rows: np.ndarray, hits: np.ndarray,
                       lookups: int, recent: np.ndarray) -> None:
         """Send one ``resolve`` (its reply is read by :meth:`_resolve_recv`)."""
+        self._land_prefetches()
         self._reserve(8 * (len(rows) + len(hits) + len(recent)) + 16)
         off = self._put(0, rows.astype(np.int64, copy=False))
         off = self._put(off, hits.astype(np.int64, copy=False))
@@ -475,7 +595,12 @@ class Connection:
     def _resolve_recv(self, t: AttachedTable, k: int) -> tuple[np.ndarray, Bypass | None]:
         """The reply of the ``resolve`` of ``k`` rows in flight: their positions and the rows
         not admitted, copied out of the mailbox; raises the service's refusal."""
-        reply = self._reply()
+        return self._resolve_parse(t, k, self._reply())
+
+    def _resolve_parse(self, t: AttachedTable, k: int,
+                       reply: dict[str, Any]) -> tuple[np.ndarray, Bypass | None]:
+        """A resolve's reply: positions of its ``k`` rows and the bypass rows, copied out of
+        the mailbox; raises the service's refusal."""
         if not reply.get("ok"):
             _raise_reply(reply)
         pos, off = self._get(0, np.int64, (k,))
@@ -498,6 +623,7 @@ class Connection:
             self._apply_pipelined(t, rows, summed)
             return
         self._drain()
+        self._land_prefetches()
         step = max(1, (len(self._mailbox) - 64) // per_row)
         for start in range(0, len(rows), step):
             r = rows[start: start + step]
@@ -515,6 +641,7 @@ class Connection:
         self._put(self._put(lo, rows), summed)
         self._send({"op": "apply", "table": t.name, "rows": len(rows), "at": lo})
         self._pending = _PendingApply(t.name, rows, summed, lo)
+        self._inflight.append(self._pending)
 
     # -- service-wide ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -581,9 +708,11 @@ class Connection:
             try:
                 with contextlib.suppress(ConnectionLost):  # a dead service has no reply
                     self._drain()
+                    self._land_prefetches()
             except Exception as e:  # noqa: BLE001 - raised below, once everything is released
                 failure = e
         self._pending = None
+        self._inflight.clear()
         self._release()
         if failure is not None:
             raise failure
