@@ -85,3 +85,40 @@ def small_service(tmp_path):
     """A tierstored whose DRAM (64 KiB) holds a few percent of a test table: most rows live
     on SCM."""
     yield from _serving(tmp_path / "svc", ddr_bytes="64KiB")
+
+
+def kill_with_request_in_flight(root, send):
+    """Start a tierstored (64 KiB of DRAM) under ``root`` with tables "t" and "u" (20,000 x
+    16); ``send(conn)`` leaves a request unanswered; SIGKILL the service. The connection's
+    next operation must raise ConnectionLost within a second instead of waiting for the
+    reply. Then the store's next service removes the dead one's shared memory (else it
+    outlives the test: 64 MiB of mailbox and the slabs in /dev/shm)."""
+    import glob
+    import os
+    import signal
+    import time
+
+    import tierstore as ts
+    from tierstore.tiers import shm
+    svc = Service(root, ddr_bytes="64KiB").start()
+    try:
+        conn = svc.connect()
+        for name in ("t", "u"):
+            conn.create_table(ts.TableSpec(name, num_rows=20_000, dim=16,
+                                           optimizer=ts.RowWiseAdagrad(lr=0.05)))
+        conn.pooled("u", torch.arange(10), torch.tensor([0]))
+        send(conn)
+        os.kill(svc.proc.pid, signal.SIGKILL)
+        svc.proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(ts.ConnectionLost):
+            conn.pooled("u", torch.arange(10), torch.tensor([0]))
+        assert time.monotonic() - t0 < 1.0
+        conn.close()
+    finally:
+        if svc.proc.returncode is None:
+            svc.proc.kill()
+            svc.proc.wait(10)
+    dead = svc.proc.pid
+    Service(root, ddr_bytes="64KiB").start().stop()
+    assert not glob.glob(os.path.join(shm.SHM_DIR, f"tierstore.*.{dead}.*"))

@@ -2,9 +2,6 @@
 and goes on without its reply. A real tierstored process, real clients; references from the
 embedded Store doing the same operations."""
 
-import glob
-import os
-import signal
 import threading
 import time
 
@@ -14,8 +11,8 @@ import torch
 
 import tierstore as ts
 from tierstore.client import connection as connection_mod
-from tierstore.tiers import pins, shm
-from conftest import Service, full_table
+from tierstore.tiers import pins
+from conftest import full_table, kill_with_request_in_flight
 
 ROWS, DIM = 20_000, 16
 
@@ -120,27 +117,7 @@ def test_overflowing_summed_gradients_refused_before_any_write(small_service, tm
 def test_service_killed_with_an_update_in_flight(tmp_path):
     """The service dies with an apply unanswered: the client's next operation on another
     table raises ConnectionLost within a second instead of waiting for the reply."""
-    svc = Service(tmp_path / "svc", ddr_bytes="64KiB").start()
-    try:
-        conn = svc.connect()
-        conn.create_table(_spec())
-        conn.create_table(_spec("u"))
-        conn.pooled("u", torch.arange(10), torch.tensor([0]))
+    def send(conn):
         conn.apply_pooled_gradients("t", *_batch(4))
         assert conn._pending is not None
-        os.kill(svc.proc.pid, signal.SIGKILL)
-        svc.proc.wait(10)
-        t0 = time.monotonic()
-        with pytest.raises(ts.ConnectionLost):
-            conn.pooled("u", torch.arange(10), torch.tensor([0]))
-        assert time.monotonic() - t0 < 1.0
-        conn.close()
-    finally:
-        if svc.proc.returncode is None:
-            svc.proc.kill()
-            svc.proc.wait(10)
-    # the next service of the store removes the dead one's shared memory (else it outlives
-    # the test: 64 MiB of mailbox and the tables' slabs in /dev/shm)
-    dead = svc.proc.pid
-    Service(tmp_path / "svc", ddr_bytes="64KiB").start().stop()
-    assert not glob.glob(os.path.join(shm.SHM_DIR, f"tierstore.*.{dead}.*"))
+    kill_with_request_in_flight(tmp_path / "svc", send)

@@ -42,6 +42,8 @@ from tierstore.tiers.ddr import Bypass
 SOCKET_NAME = "tierstored.sock"
 REPLY_TIMEOUT_S = 120.0  # a reply slower than this means a wedged service
 _RETRIES = 8  # re-attachments in a row before giving up on a table that keeps moving
+#: requests after which the service may re-plan DRAM (or drop this client's attachment)
+_REPLANS = frozenset({"create_table", "drop_table", "restore", "detach", "shutdown"})
 
 
 @dataclass
@@ -137,10 +139,14 @@ class Connection:
     # -- the socket -------------------------------------------------------------------------
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its reply; raise the service's error if not ok.
-        Prefetched batches are given up first (their pins could hold up the service, say a
-        re-plan this request causes)."""
+        Replies in flight are read first. Before a request that may re-plan DRAM (the
+        service then waits for every pin in the re-planned slabs), prefetched batches are
+        given up: their pins would hold it up."""
         self._drain()
-        self._drop_prefetches()
+        if msg.get("op") in _REPLANS:
+            self._drop_prefetches()
+        else:
+            self._land_prefetches()
         self._send(msg)
         reply = self._reply()
         if not reply.get("ok"):
@@ -431,8 +437,8 @@ class Connection:
         process works on other tables, and the table's next ``pooled``/``lookup`` of the same
         ids (or ``pooled_many``) uses the answer. Call it after the table's backward of the
         batch before: its rows stay pinned until the prefetched batch's forward (another
-        operation on the table, or a request like ``stats`` or ``create_table``, gives the
-        prefetch up; that batch is then resolved and counted again when it runs). Best
+        operation on the table, or a request that may re-plan DRAM like ``create_table``,
+        gives the prefetch up; that batch is then resolved and counted again when it runs). Best
         effort: a batch too large for half the mailbox, or a table being re-planned, is not
         prefetched. Tables held whole: a no-op. Raises UnknownTable, InvalidInput, ConnectionLost.
         """
