@@ -58,6 +58,10 @@ class AttachedTable(SlabWriter):
         self.writable = writable
         #: [lo, hi): the ids this client may update (a writer of a row range)
         self.write_range = tuple(reply.get("rows", (0, 2**63 - 1)))
+        #: the range leaves out ids the caller's checks let through ([0, num_rows) for a dense
+        #: table, any id >= 0 for a sparse one): only then do updates check it, two passes
+        self._narrow_writer = (self.write_range[0] > 0 or self.write_range[1] < (
+            self.spec.num_rows if self.spec.id_space == "dense" else 2**63 - 1))
         lay = reply["layout"]
         self.capacity = int(lay["capacity"])
         self.tracks_hits = bool(lay["tracks_hits"])
@@ -113,9 +117,9 @@ class AttachedTable(SlabWriter):
         self.header[pins.SEQ] = self.seq
 
     def _pin(self, ids: np.ndarray) -> tuple[int, np.ndarray]:
-        out = np.zeros(len(ids), dtype=np.int32)
         if self.index is None:
-            return pins.SOME_MISSING, out
+            return pins.SOME_MISSING, np.zeros(len(ids), dtype=np.int32)
+        out = np.empty(len(ids), dtype=np.int32)  # the kernels write every entry, or we zero it
         if self.full_table:
             st = pins.pin_whole_table(ids, self.spec.num_rows, self.pins, np.uint32(self.seq),
                                       self.ctrl, out)
@@ -124,7 +128,7 @@ class AttachedTable(SlabWriter):
                                     out)
         if st == pins.STALE:
             raise Stale(self.name)
-        if st == pins.RETRY:
+        if st == pins.RETRY or st == pins.OUT_OF_RANGE:  # (out is not to be trusted)
             out[:] = 0
         return st, out
 
@@ -224,7 +228,7 @@ class AttachedTable(SlabWriter):
         if self.prefetched is not None:  # an update before the prefetched batch's forward
             self.conn._give_up(self)
         lo, hi = self.write_range
-        if len(ids) and (ids.min() < lo or ids.max() >= hi):
+        if len(ids) and self._narrow_writer and (ids.min() < lo or ids.max() >= hi):
             raise InvalidInput(f"table {self.name!r}: this client writes rows [{lo}, {hi}) "
                                f"only; ids {ids.min()}..{ids.max()} given")
         _, out = self._pin(ids)
