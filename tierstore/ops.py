@@ -96,35 +96,23 @@ def pooled_begin(cache, spec: TableSpec, indices: Any, offsets: Any, mode: str =
     holds pins until pooled_end or ``cache.end_op()``."""
     rows, off, psw = _pooled_inputs(spec, indices, offsets, mode, per_sample_weights,
                                     include_last_offset)
+    pending = None
     try:
         got = cache.take_prefetched(rows)
-    except BaseException:
-        cache.end_op()
-        raise
-    if got is not None:
-        try:
-            return _pool(cache.weights_t, torch.from_numpy(got[0]), off, mode, psw, rows,
-                         got[1])
-        finally:
+        if got is None:
+            pos = cache.resident_positions(rows)
+            if pos is not None:
+                return _pool_resident(cache.weights_t, pos, off, mode, psw)
+            checks.id_range(rows, spec, "indices")
+            pos_np, m = cache.pin_batch(rows.numpy())
+            if m is not None:
+                pending = PendingPool(rows, off, mode, psw, pos_np, m)
+                return pending
+            got = pos_np, None
+        return _pool(cache.weights_t, torch.from_numpy(got[0]), off, mode, psw, rows, got[1])
+    finally:
+        if pending is None:  # the operation is over (or failed)
             cache.end_op()
-    pos = cache.resident_positions(rows)
-    if pos is not None:
-        try:
-            return _pool_resident(cache.weights_t, pos, off, mode, psw)
-        finally:
-            cache.end_op()
-    try:
-        checks.id_range(rows, spec, "indices")
-        pos_np, m = cache.pin_batch(rows.numpy())
-    except BaseException:
-        cache.end_op()
-        raise
-    if m is None:
-        try:
-            return _pool(cache.weights_t, torch.from_numpy(pos_np), off, mode, psw, rows, None)
-        finally:
-            cache.end_op()
-    return PendingPool(rows, off, mode, psw, pos_np, m)
 
 
 def pooled_end(cache, p: PendingPool, got: np.ndarray, bypass: Any) -> torch.Tensor:

@@ -141,7 +141,7 @@ class AttachedTable(SlabWriter):
             return None
         self.prefetched = None
         self.conn._land(f)
-        if len(f.ids) != ids.shape[0] or not np.array_equal(f.ids, ids.numpy()):
+        if not np.array_equal(f.ids, ids.numpy()):
             self.end_op()  # another batch: the prefetch's pins go
             return None
         if f.misses is None:

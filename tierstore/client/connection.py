@@ -114,9 +114,8 @@ class Connection:
         self.mode = mode
         self._lost: str | None = None
         self._tables: dict[str, AttachedTable] = {}
-        self._pending: _PendingApply | None = None
         #: requests whose replies are unread, in the order sent: the pipelined apply
-        #: (``_pending``) and at most one prefetch (a resolve whose reply is read later)
+        #: (:attr:`_pending`) and at most one prefetch (a resolve whose reply is read later)
         self._inflight: collections.deque[_PendingApply | _Prefetch] = collections.deque()
         path = os.path.join(self.run_dir, SOCKET_NAME)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -142,11 +141,9 @@ class Connection:
         Replies in flight are read first. Before a request that may re-plan DRAM (the
         service then waits for every pin in the re-planned slabs), prefetched batches are
         given up: their pins would hold it up."""
-        self._drain()
+        self._read_all()
         if msg.get("op") in _REPLANS:
             self._drop_prefetches()
-        else:
-            self._land_prefetches()
         self._send(msg)
         reply = self._reply()
         if not reply.get("ok"):
@@ -175,8 +172,6 @@ class Connection:
             self._drain()  # (sending a re-planned table's update again may pipeline it anew)
 
     def _lost_now(self, e: BaseException) -> NoReturn:
-        self._pending = None
-        self._inflight.clear()
         self._mark_lost(f"connection to tierstored at {self.run_dir} lost: {e}")
         raise ConnectionLost(self._lost) from None
 
@@ -188,11 +183,24 @@ class Connection:
         if p is None or (table is not None and p.table != table):
             return
         if self._lost:
-            self._pending = None
             self._inflight.clear()
             raise ConnectionLost(self._lost)
         while self._pending is p:
             self._read_one()
+
+    @property
+    def _pending(self) -> _PendingApply | None:
+        """The pipelined ``apply`` in flight, if any."""
+        for x in self._inflight:
+            if isinstance(x, _PendingApply):
+                return x
+        return None
+
+    def _read_all(self) -> None:
+        """Read every reply in flight: the next reply read is the next request's, and the
+        whole mailbox is free."""
+        self._drain()
+        self._land_prefetches()
 
     def _read_one(self) -> None:
         """Read the reply of the oldest request in flight and hand it to that request."""
@@ -202,7 +210,6 @@ class Connection:
             head.answered = True
             return
         reply = self._reply()
-        self._pending = None
         if reply.get("ok"):
             return
         if reply.get("type") != "Stale":
@@ -237,7 +244,6 @@ class Connection:
 
     def _drop_prefetches(self) -> None:
         """Give up every prefetched batch: replies read, pins released."""
-        self._land_prefetches()
         for t in self._tables.values():
             self._give_up(t)
 
@@ -374,8 +380,7 @@ class Connection:
         n = len(tables)
         psws = ops.weights_per_table(tables, indices, offsets, per_sample_weights)
         out: list[Any] = [None] * n
-        self._drain()  # nothing in flight meanwhile: replies come in request order
-        self._land_prefetches()
+        self._read_all()  # nothing in flight meanwhile: replies come in request order
         for table in tables:  # attach first: an attach is a request of its own
             self._table(table)
         flight: _InFlight | None = None
@@ -628,8 +633,7 @@ class Connection:
         if len(rows) * per_row <= len(self._mailbox) // 2:
             self._apply_pipelined(t, rows, summed)
             return
-        self._drain()
-        self._land_prefetches()
+        self._read_all()
         step = max(1, (len(self._mailbox) - 64) // per_row)
         for start in range(0, len(rows), step):
             r = rows[start: start + step]
@@ -646,8 +650,7 @@ class Connection:
         lo = (len(self._mailbox) - rows.nbytes - summed.nbytes) // 8 * 8
         self._put(self._put(lo, rows), summed)
         self._send({"op": "apply", "table": t.name, "rows": len(rows), "at": lo})
-        self._pending = _PendingApply(t.name, rows, summed, lo)
-        self._inflight.append(self._pending)
+        self._inflight.append(_PendingApply(t.name, rows, summed, lo))
 
     # -- service-wide ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -713,11 +716,9 @@ class Connection:
         if self._lost is None:
             try:
                 with contextlib.suppress(ConnectionLost):  # a dead service has no reply
-                    self._drain()
-                    self._land_prefetches()
+                    self._read_all()
             except Exception as e:  # noqa: BLE001 - raised below, once everything is released
                 failure = e
-        self._pending = None
         self._inflight.clear()
         self._release()
         if failure is not None:

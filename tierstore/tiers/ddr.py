@@ -747,9 +747,8 @@ class DDRCache(SlabWriter):
         tensor), if no row entered or left DRAM since; else None. Either way the prefetched
         batch is forgotten (it is used once)."""
         saved, self._prefetched = self._prefetched, None
-        if saved is None or saved[3] != self._epoch or len(saved[0]) != ids.shape[0]:
-            return None
-        if not np.array_equal(saved[0], ids.numpy()):
+        if (saved is None or saved[3] != self._epoch
+                or not np.array_equal(saved[0], ids.numpy())):
             return None
         return saved[1], saved[2]
 

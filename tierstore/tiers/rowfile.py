@@ -22,8 +22,8 @@ dropping it made 10%-DRAM training steps in one process 3-6% faster.
 Writes are *write-behind*: :meth:`RowFile.write` packs the rows into a private buffer and
 returns; the journal append, the scatter (where the page faults or syscalls are paid) and the
 disarm run behind the caller (:mod:`tierstore.tiers.write_behind`: on one background thread
-per process, overlapping the caller's next work; in tierstored, after each reply). Every other method waits for the file's pending write first, so
-reads always see it. Page cache is shared, so once a write has completed (the next call on the
+per process, overlapping the caller's next work; in tierstored, after each reply). Every other
+method waits for the file's pending write first, so reads always see it. Page cache is shared, so once a write has completed (the next call on the
 file, or :meth:`RowFile.flush`) it survives SIGKILL; a process killed before that loses only
 rows of that write, which keep the last value they held on SCM. :meth:`RowFile.flush` also
 fsyncs for power loss. An error of a background write (say, a full disk) is raised by the next
